@@ -1,0 +1,3 @@
+from hubd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Settings: built once from flags, `HUBD_*` environment variables and an optional TOML file, then passed down.
+
+Precedence (highest first): explicit keyword arguments (the CLI's flags), environment, the TOML file named by
+`HUBD_CONFIG`, the embedded defaults. Every field has a default, so `hubd` runs with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.exceptions import SettingsError
+
+from hubd.errors import BadRequest
+
+#: Hosts a download may be redirected to by default: the public hubs and the storage they redirect to.
+DEFAULT_ALLOWED_HOSTS = (
+    "tfhub.dev",
+    "www.tfhub.dev",
+    "kaggle.com",
+    "www.kaggle.com",
+    "storage.googleapis.com",
+    "*.storage.googleapis.com",
+    "*.googleusercontent.com",
+)
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "hubd"
+
+
+class Settings(BaseSettings):
+    """Everything the engine needs to know, validated once."""
+
+    model_config = SettingsConfigDict(env_prefix="HUBD_", extra="forbid", validate_default=True)
+
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Root of the machine-wide cache.")
+    offline: bool = Field(False, description="Serve only what is cached; never touch the network.")
+    mirror: str | None = Field(
+        None, description="A hosting-protocol server to fetch tfhub.dev and Kaggle handles from instead."
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),
+        description="Host patterns downloads may be redirected to (fnmatch syntax).",
+    )
+    http_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts that may be reached over plain http (the mirror's always may)."
+    )
+    max_extract_bytes: int = Field(64 * 2**30, gt=0, description="Cap on the bytes one archive may unpack to.")
+    max_members: int = Field(200_000, gt=0, description="Cap on the number of members in one archive.")
+    connect_timeout: float = Field(15.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0, description="Seconds without a byte before a download is retried.")
+    retries: int = Field(5, ge=0, description="Retries of a dropped or failed download.")
+    backoff_base: float = Field(0.5, ge=0, description="First retry delay; doubles each time, with jitter.")
+    fsync: bool = Field(True, description="fsync published files; off only for throwaway caches.")
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_is_http(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the mirror must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("allowed_hosts", "http_hosts", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("HUBD_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, dropping unset overrides, and turn validation errors into one readable error."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except SettingsError as exc:
+        raise BadRequest(f"invalid configuration: {exc}", "check the HUBD_* variables") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise BadRequest(
+            f"invalid configuration: {problems}", "check the flags, HUBD_* variables and the HUBD_CONFIG file"
+        ) from None

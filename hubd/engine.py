@@ -1,0 +1,351 @@
+"""resolve(handle) -> Entry: the whole flow, without HTTP serving.
+
+handle -> Source -> (cache hit? quick check) -> single flight -> stream fetch + safe extract -> verify ->
+publish -> refs + index -> Entry. The CLI, the daemon and the tests all drive this one class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from hubd.config import Settings
+from hubd.entry import Entry
+from hubd.errors import (
+    ChecksumMismatch,
+    DiskFull,
+    HubdError,
+    NotCached,
+    UnknownModel,
+    VerificationFailed,
+)
+from hubd.fetch import ProgressCallback, download, make_session
+from hubd.handles import Source, kaggle_canonical_from_url, parse_handle
+from hubd.index import Index
+from hubd.sink import StreamingExtraction
+from hubd.store import ObjectMeta, Ref, Store
+from hubd.verify import full_problems, quick_problems, structural_problems
+
+
+@dataclass
+class _Flight:
+    """One fetch in progress, shared by every caller of the same handle in this process."""
+
+    task: asyncio.Task[Entry] | None = None
+    listeners: list[ProgressCallback] = field(default_factory=list)
+
+    def emit(self, phase: str, done: int, total: int | None) -> None:
+        for listener in list(self.listeners):
+            listener(phase, done, total)
+
+
+@dataclass
+class VerifyReport:
+    entry: Entry
+    problems: list[str]
+    healed: bool = False
+
+
+class Engine:
+    """Owns one cache root. Methods are coroutines; call `start` first and `close` at the end."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.cache_dir, fsync=settings.fsync)
+        self.http_hosts = frozenset(settings.http_hosts) | _mirror_host(settings.mirror)
+        self._index: Index | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._flights: dict[str, _Flight] = {}
+        self._meta_cache: dict[str, ObjectMeta] = {}
+        self.stats = {"hits": 0, "misses": 0, "bytes_fetched": 0, "fetches": 0}
+
+    async def start(self) -> None:
+        self.store.ensure_layout()
+        self.store.clean_stale_staging()
+        self._index = Index(self.store)
+        self._index.rebuild_if_needed()
+
+    async def close(self) -> None:
+        for flight in list(self._flights.values()):
+            if flight.task is not None:
+                flight.task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        if self._index is not None:
+            self._index.close()
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            raise RuntimeError("Engine.start() was not awaited")
+        return self._index
+
+    def parse(self, handle: str) -> Source:
+        return parse_handle(handle, self.http_hosts)
+
+    # -- resolve ------------------------------------------------------------------------------------
+
+    async def resolve(
+        self, handle: str, sha256: str | None = None, on_progress: ProgressCallback | None = None
+    ) -> Entry:
+        """The published entry for `handle`, fetching it once if needed."""
+        source = self.parse(handle)
+        if source.kind == "local":
+            return _local_entry(source)
+        sha256 = sha256.lower() if sha256 else None
+        cached = self.cached_entry(source, sha256)
+        if cached is not None:
+            self.stats["hits"] += 1
+            return cached
+        if self.settings.offline:
+            raise self._not_cached(source, "hubd is offline")
+        self.stats["misses"] += 1
+        return await self._join_flight(source, sha256, on_progress)
+
+    def cached_entry(self, source: Source, sha256: str | None = None) -> Entry | None:
+        """A verified entry for `source` without touching the network, or None. Broken trees are quarantined."""
+        ref = self.store.read_ref(source.ref_key)
+        if ref is None or (sha256 and ref.archive_sha256 != sha256):
+            return None
+        meta = self._meta(ref.digest)
+        if meta is None:
+            return None
+        tree = self.store.object_path(ref.digest)
+        problems = quick_problems(tree, meta.manifest)
+        if problems:
+            if tree.is_dir():
+                self.store.quarantine(ref.digest, "; ".join(problems))
+            return None
+        self.index.touch(ref.digest)
+        return self._entry(meta, last_used=time.time())
+
+    async def _join_flight(
+        self, source: Source, sha256: str | None, on_progress: ProgressCallback | None
+    ) -> Entry:
+        key = f"{source.ref_key}:{sha256 or ''}"
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._flights[key] = flight
+            flight.task = asyncio.create_task(self._fetch_locked(source, sha256, flight))
+            flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
+        if on_progress is not None:
+            flight.listeners.append(on_progress)
+        assert flight.task is not None
+        try:
+            # shield: one caller giving up must not cancel a fetch that others are waiting on.
+            return await asyncio.shield(flight.task)
+        finally:
+            if on_progress is not None and on_progress in flight.listeners:
+                flight.listeners.remove(on_progress)
+
+    async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
+        flight.emit("waiting", 0, None)
+        async with self._cross_process_lock(source.ref_key):
+            cached = self.cached_entry(source, sha256)  # another process may have fetched it meanwhile
+            if cached is not None:
+                return cached
+            return await self._fetch(source, sha256, flight)
+
+    @asynccontextmanager
+    async def _cross_process_lock(self, key: str) -> AsyncIterator[None]:
+        fd = os.open(self.store.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    async def _fetch(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
+        url = source.download_url(self.settings.mirror)
+        staging = self.store.new_staging()
+        try:
+            sink = StreamingExtraction(
+                staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
+            )
+            try:
+                result = await download(self._http(), url, sink, self.settings, self.http_hosts, flight.emit)
+                manifest = await sink.finish()
+            except BaseException:
+                await sink.abort()
+                raise
+            self.stats["fetches"] += 1
+            self.stats["bytes_fetched"] += result.size
+            flight.emit("verify", 0, None)
+            if sha256 and result.sha256 != sha256:
+                raise ChecksumMismatch(
+                    f"archive of {source.handle} has sha256 {result.sha256}, expected {sha256}",
+                    "the upstream file changed or the checksum is wrong; the cached copy (if any) was kept",
+                )
+            problems = structural_problems(staging.tree)
+            if problems:
+                raise VerificationFailed(
+                    f"{source.handle} is not a usable SavedModel: {'; '.join(problems)}",
+                    "the archive is incomplete or not a SavedModel; report it to the model's publisher",
+                )
+            names = [source.canonical]
+            mirror_hosts = _mirror_host(self.settings.mirror)
+            twins = (kaggle_canonical_from_url(url, mirror_hosts) for url in result.redirects[1:])
+            twin = next(filter(None, twins), None)
+            if twin and twin != source.canonical:
+                names.append(twin)
+            meta = ObjectMeta(
+                digest=manifest.digest(),
+                archive_sha256=result.sha256,
+                size_bytes=manifest.total_bytes,
+                fetched_at=time.time(),
+                manifest=manifest,
+                names=names,
+            )
+            flight.emit("publish", 0, None)
+            await asyncio.to_thread(self.store.publish, staging.tree, meta)
+            self._bind(names, source.handle, meta)
+            return self._entry(meta, last_used=time.time())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    "the disk holding the cache is full; nothing cached was touched",
+                    "free space (`hubd rm` unused models) or move HUBD_CACHE_DIR",
+                ) from exc
+            raise
+        finally:
+            await asyncio.to_thread(staging.cleanup)
+
+    def _bind(self, names: list[str], handle: str, meta: ObjectMeta) -> None:
+        self.index.record(meta)
+        for position, canonical in enumerate(names):
+            given = handle if position == 0 else "https://www." + canonical
+            key = parse_handle(given, self.http_hosts).ref_key
+            self.store.write_ref(key, Ref(canonical, given, meta.digest, meta.archive_sha256, time.time()))
+            self.index.bind(canonical, meta.digest)
+        self.index.touch(meta.digest)
+        self._meta_cache[meta.digest] = meta
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = make_session(self.settings)
+        return self._session
+
+    def _not_cached(self, source: Source, why: str) -> NotCached:
+        broken = self.store.read_ref(source.ref_key) is not None
+        state = "its cached copy is broken" if broken else "it is not cached"
+        return NotCached(
+            f"{why} and {state}: {source.handle}",
+            f"connect to the network and run `hubd pull {source.handle}` (or add it to a prefetch manifest)",
+        )
+
+    # -- inspection and maintenance -------------------------------------------------------------------
+
+    def _meta(self, digest: str) -> ObjectMeta | None:
+        meta = self._meta_cache.get(digest)
+        if meta is None:
+            meta = self.store.read_meta(digest)
+            if meta is not None:
+                self._meta_cache[digest] = meta
+        return meta
+
+    def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
+        path = self.store.object_path(meta.digest)
+        broken = bool(problems) or not path.is_dir()
+        return Entry(
+            id=meta.digest,
+            path=str(path),
+            relpath=str(path.relative_to(self.store.root)),
+            handles=list(meta.names),
+            size_bytes=meta.size_bytes,
+            archive_sha256=meta.archive_sha256,
+            tree_digest=meta.digest,
+            fetched_at=meta.fetched_at,
+            last_used=last_used if last_used is not None else self.index.last_used(meta.digest),
+            state="broken" if broken else "ok",
+            problems=problems or ([] if path.is_dir() else ["quarantined: failed verification"]),
+        )
+
+    def list_entries(self) -> list[Entry]:
+        return [self._entry(meta) for meta in self.store.iter_meta()]
+
+    def find(self, handle_or_id: str) -> tuple[ObjectMeta, list[Ref]]:
+        """The object a handle or id names, and the refs pointing at it."""
+        refs = list(self.store.iter_refs())
+        digest: str | None = None
+        if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
+            matches = {m.digest for m in self.store.iter_meta() if m.digest.startswith(handle_or_id)}
+            digest = matches.pop() if len(matches) == 1 else None
+        if digest is None:
+            source = self.parse(handle_or_id)
+            ref = self.store.read_ref(source.ref_key)
+            digest = ref.digest if ref else None
+        meta = self.store.read_meta(digest) if digest else None
+        if meta is None:
+            raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
+        return meta, [r for r in refs if r.digest == meta.digest]
+
+    def remove(self, handle_or_id: str) -> Entry:
+        meta, refs = self.find(handle_or_id)
+        entry = self._entry(meta)
+        for ref in refs:
+            self.store.remove_ref(parse_handle(ref.handle, self.http_hosts).ref_key)
+            self.index.unbind(ref.canonical)
+        self.store.remove_object(meta.digest)
+        self.index.forget(meta.digest)
+        self._meta_cache.pop(meta.digest, None)
+        return entry
+
+    async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
+        """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
+        metas = list(self.store.iter_meta()) if handle_or_id is None else [self.find(handle_or_id)[0]]
+        reports = []
+        for meta in metas:
+            tree = self.store.object_path(meta.digest)
+            problems = await asyncio.to_thread(full_problems, tree, meta.manifest)
+            if problems and tree.is_dir():
+                self.store.quarantine(meta.digest, "; ".join(problems))
+            report = VerifyReport(self._entry(meta, problems=problems), problems)
+            if problems and heal and not self.settings.offline:
+                report.healed = await self._heal(meta)
+            reports.append(report)
+        return reports
+
+    async def _heal(self, meta: ObjectMeta) -> bool:
+        for ref in self.store.iter_refs():
+            if ref.digest != meta.digest:
+                continue
+            try:
+                entry = await self.resolve(ref.handle)
+            except HubdError:
+                continue
+            if entry.state == "ok":
+                return True
+        return False
+
+
+def _mirror_host(mirror: str | None) -> frozenset[str]:
+    if not mirror:
+        return frozenset()
+    host = urlsplit(mirror).hostname
+    return frozenset({host}) if host else frozenset()
+
+
+def _local_entry(source: Source) -> Entry:
+    return Entry(
+        id="local",
+        path=source.local_path,
+        relpath="",
+        handles=[source.local_path],
+        size_bytes=0,
+        archive_sha256="",
+        tree_digest="",
+        fetched_at=0.0,
+    )

@@ -1,0 +1,194 @@
+"""A real TF Hub hosting-protocol server on 127.0.0.1 for tests and benchmarks.
+
+`GET /<path>?tf-hub-format=compressed` returns the archive registered for <path>. Each path can be made to
+misbehave the way real upstreams do: drop the connection after N bytes, ignore Range, throttle, redirect,
+answer an HTML page with status 200. It counts requests and bytes sent per path, and lets a test wait (on a
+condition, not a sleep) until a path has sent a given number of bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    drop_after: int | None = None
+    """Abort the connection after this many bytes of a response..."""
+    drops: int = 1
+    """...for this many responses; later responses are whole."""
+    ranges: bool = True
+    throttle_chunk: int = 0
+    throttle_delay: float = 0.0
+    redirect_to: str | None = None
+    html_200: bool = False
+    status: int | None = None
+
+
+class HostingServer:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.archives: dict[str, bytes] = {}
+        self.behaviours: dict[str, Behaviour] = {}
+        self.bytes_sent: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.range_requests: collections.Counter[str] = collections.Counter()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def add(self, path: str, archive: bytes, behaviour: Behaviour | None = None) -> str:
+        path = path.strip("/")
+        self.archives[path] = archive
+        self.behaviours[path] = behaviour or Behaviour()
+        return f"{self.url}/{path}"
+
+    def sha256(self, path: str) -> str:
+        return hashlib.sha256(self.archives[path.strip("/")]).hexdigest()
+
+    def reset_counts(self) -> None:
+        with self._cond:
+            self.bytes_sent.clear()
+            self.requests.clear()
+            self.range_requests.clear()
+
+    def wait_sent(self, path: str, at_least: int, timeout: float = 30.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.bytes_sent[path.strip("/")] >= at_least, timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> HostingServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="hosting-server", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        assert self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(30)
+
+    # -- protocol ------------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"].strip("/")
+        with self._cond:
+            self.requests[path] += 1
+        behaviour = self.behaviours.get(path)
+        if behaviour is None:
+            return web.Response(status=404, text="no such model")
+        if behaviour.redirect_to:  # like tfhub.dev -> Kaggle, the query travels with the redirect
+            query = f"?{request.query_string}" if request.query_string else ""
+            raise web.HTTPFound(behaviour.redirect_to + query)
+        if behaviour.status:
+            return web.Response(status=behaviour.status, text="upstream trouble")
+        if request.query.get("tf-hub-format") != "compressed":
+            return web.Response(status=200, text="<html>model page</html>", content_type="text/html")
+        if behaviour.html_200:
+            return web.Response(status=200, text="<!DOCTYPE html><html>Sign in</html>", content_type="text/html")
+        return await self._send_archive(request, path, behaviour)
+
+    async def _send_archive(self, request: web.Request, path: str, behaviour: Behaviour) -> web.StreamResponse:
+        data = self.archives[path]
+        start = 0
+        response = web.StreamResponse(status=200)
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+        range_header = request.headers.get("Range")
+        if behaviour.ranges:
+            response.headers["Accept-Ranges"] = "bytes"
+            if (
+                range_header
+                and range_header.startswith("bytes=")
+                and request.headers.get("If-Range") in (None, etag)
+            ):
+                start = int(range_header[6:].split("-", 1)[0])
+                response.set_status(206)
+                response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                with self._cond:
+                    self.range_requests[path] += 1
+        response.headers["ETag"] = etag
+        response.content_type = "application/x-tar"
+        response.content_length = len(data) - start
+        await response.prepare(request)
+        limit: int | None = None
+        if behaviour.drop_after is not None and behaviour.drops > 0:
+            behaviour.drops -= 1
+            limit = behaviour.drop_after
+        await self._stream(request, response, path, data[start:], behaviour, limit)
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        path: str,
+        body: bytes,
+        behaviour: Behaviour,
+        limit: int | None,
+    ) -> None:
+        chunk = behaviour.throttle_chunk or 256 * 1024
+        sent = 0
+        while sent < len(body):
+            piece = body[sent : sent + chunk]
+            if limit is not None and sent + len(piece) > limit:
+                piece = piece[: max(0, limit - sent)]
+                if piece:
+                    await response.write(piece)
+                    self._count(path, len(piece))
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError()
+            await response.write(piece)
+            sent += len(piece)
+            self._count(path, len(piece))
+            if behaviour.throttle_delay:
+                await asyncio.sleep(behaviour.throttle_delay)  # the server's pace, not test synchronisation
+        await response.write_eof()
+
+    def _count(self, path: str, size: int) -> None:
+        with self._cond:
+            self.bytes_sent[path] += size
+            self._cond.notify_all()
+
+    def __enter__(self) -> HostingServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,112 @@
+"""Handle parsing: every form the TF Hub ecosystem uses, and clear refusals for the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hubd.errors import BadHandle, DisallowedHost
+from hubd.handles import check_redirect, kaggle_canonical_from_url, parse_handle
+
+
+@pytest.mark.parametrize(
+    "handle",
+    [
+        "https://tfhub.dev/google/nnlm-en-dim128/2",
+        "https://tfhub.dev/google/nnlm-en-dim128/2/",
+        "tfhub.dev/google/nnlm-en-dim128/2",
+        "https://tfhub.dev/google/nnlm-en-dim128/2?tf-hub-format=compressed",
+        "HTTPS://TFHUB.DEV/google/nnlm-en-dim128/2",
+    ],
+)
+def test_tfhub_spellings_share_one_canonical_name(handle: str) -> None:
+    source = parse_handle(handle)
+    assert source.kind == "tfhub"
+    assert source.canonical == "tfhub.dev/google/nnlm-en-dim128/2"
+    assert source.url == "https://tfhub.dev/google/nnlm-en-dim128/2?tf-hub-format=compressed"
+    assert source.mirror_path == "google/nnlm-en-dim128/2"
+
+
+def test_tfhub_nested_model_names_are_kept() -> None:
+    source = parse_handle("https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
+    assert source.canonical == "tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+
+
+@pytest.mark.parametrize(
+    "handle",
+    [
+        "https://www.kaggle.com/models/google/nnlm/TensorFlow2/en-dim128/2",
+        "https://www.kaggle.com/models/google/nnlm/tensorFlow2/en-dim128/2",
+        "https://kaggle.com/models/google/nnlm/tensorflow2/en-dim128/2/",
+        "https://www.kaggle.com/models/google/nnlm/frameworks/TensorFlow2/variations/en-dim128/versions/2",
+        "www.kaggle.com/models/google/nnlm/tensorflow2/en-dim128/2",
+    ],
+)
+def test_kaggle_short_and_long_forms_share_one_canonical_name(handle: str) -> None:
+    source = parse_handle(handle)
+    assert source.kind == "kaggle"
+    assert source.canonical == "kaggle.com/models/google/nnlm/tensorflow2/en-dim128/2"
+    assert source.url == (
+        "https://www.kaggle.com/models/google/nnlm/frameworks/tensorflow2/variations/en-dim128/versions/2"
+        "?tf-hub-format=compressed"
+    )
+
+
+def test_kaggle_twin_is_recognised_in_a_redirect_url() -> None:
+    url = "https://www.kaggle.com/models/google/nnlm/frameworks/TensorFlow2/variations/en-dim128/versions/2"
+    assert kaggle_canonical_from_url(url + "?tf-hub-format=compressed") == (
+        "kaggle.com/models/google/nnlm/tensorflow2/en-dim128/2"
+    )
+    assert kaggle_canonical_from_url("https://storage.googleapis.com/x/y.tar.gz") is None
+
+
+def test_other_https_servers_speak_the_hosting_protocol() -> None:
+    source = parse_handle("https://models.example.org/team/encoder/3")
+    assert source.kind == "url"
+    assert source.url == "https://models.example.org/team/encoder/3?tf-hub-format=compressed"
+    assert source.mirror_path == ""
+
+
+def test_plain_http_is_refused_unless_the_host_is_allowed() -> None:
+    with pytest.raises(DisallowedHost, match="plain http"):
+        parse_handle("http://127.0.0.1:8080/a/b/1")
+    assert parse_handle("http://127.0.0.1:8080/a/b/1", frozenset({"127.0.0.1"})).kind == "url"
+
+
+def test_local_directory_is_returned_as_it_is(tmp_path: Path) -> None:
+    source = parse_handle(str(tmp_path))
+    assert source.kind == "local"
+    assert source.local_path == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("handle", "message"),
+    [
+        ("", "empty handle"),
+        ("gs://bucket/model", "unsupported scheme"),
+        ("ftp://tfhub.dev/a/b/1", "unsupported scheme"),
+        ("not-a-handle", "not a model handle"),
+        ("https://tfhub.dev/google/nnlm", "numeric version"),
+        ("https://tfhub.dev/google/nnlm/latest", "numeric version"),
+        ("https://www.kaggle.com/models/google/nnlm", "owner, model, framework"),
+        ("https://www.kaggle.com/datasets/a/b", "not a Kaggle model"),
+        ("https://tfhub.dev/google/%2e%2e/secret/1", "percent-encoded"),
+        ("https://tfhub.dev/google/../secret/1", "invalid path segment"),
+        ("/no/such/dir/anywhere", "no such model directory"),
+    ],
+)
+def test_bad_handles_get_an_error_naming_what_is_accepted(handle: str, message: str) -> None:
+    with pytest.raises(BadHandle, match=message) as caught:
+        parse_handle(handle)
+    assert caught.value.hint
+
+
+def test_redirects_only_to_allowed_hosts() -> None:
+    allowed = ["storage.googleapis.com"]
+    check_redirect("https://storage.googleapis.com/a.tar.gz", "tfhub.dev", allowed, frozenset())
+    check_redirect("https://tfhub.dev/other", "tfhub.dev", allowed, frozenset())
+    with pytest.raises(DisallowedHost, match="not allowed"):
+        check_redirect("https://169.254.169.254/latest/meta-data", "tfhub.dev", allowed, frozenset())
+    with pytest.raises(DisallowedHost, match="plain http"):
+        check_redirect("http://storage.googleapis.com/a.tar.gz", "tfhub.dev", allowed, frozenset())
