@@ -1,21 +1,31 @@
-"""`hubd ...`: thin commands around the engine. Results on stdout, progress and errors on stderr."""
+"""`hubd ...`: thin commands. Results on stdout, progress and errors on stderr.
+
+Where a daemon answers on the socket (or HUBD_URL), commands go through its API, so it stays the only writer
+of a shared cache. With no daemon, they run the engine in-process, but only on a cache the user owns.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from hubd import __version__
+from hubd.api_client import DaemonClient, error_from
 from hubd.config import Settings, load_settings
 from hubd.engine import Engine
 from hubd.entry import Entry
-from hubd.errors import HubdError
-from hubd.progress import ProgressBar, human_bytes
+from hubd.errors import BadRequest, HubdError, UnknownModel
+from hubd.handles import parse_handle
+from hubd.manifest import load_manifest
+from hubd.prefetch import resolve_many
+from hubd.progress import ProgressBar, ProgressBoard, human_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,12 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--http-host", action="append", dest="http_hosts", help="allow plain http to this host (repeatable)"
     )
+    common.add_argument("--socket", help="the daemon's Unix socket (env HUBD_SOCKET)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the daemon")
+    serve.add_argument("--listen", action="append", help="also serve on loopback TCP, e.g. 127.0.0.1:8750")
+    serve.add_argument("--manifest", action="append", help="prefetch this manifest and watch it (repeatable)")
+    serve.add_argument("--admin-group", help="members of this group may delete models")
+    serve.add_argument("--token-file", help="file holding the admin token for TCP requests")
+    serve.set_defaults(run=_serve)
 
     pull = commands.add_parser("pull", parents=[common], help="fetch a model if needed and print its path")
     pull.add_argument("handle")
     pull.add_argument("--sha256", help="expected sha256 of the archive; a mismatch is an error")
     pull.set_defaults(run=_pull)
+
+    prefetch = commands.add_parser("prefetch", parents=[common], help="fetch every model of a manifest")
+    prefetch.add_argument("manifest_file", type=Path, metavar="MANIFEST", help="TOML or JSON manifest")
+    prefetch.add_argument("--no-daemon", action="store_true", help="run the engine in this process")
+    prefetch.set_defaults(run=_prefetch)
 
     ls = commands.add_parser("ls", parents=[common], help="list cached models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -51,81 +74,215 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    extra: dict[str, Any] = {}
+    for name in ("listen", "manifest", "admin_group", "token_file"):
+        value = getattr(args, name, None)
+        if value is not None:
+            extra["manifests" if name == "manifest" else name] = value
     return load_settings(
-        cache_dir=args.cache_dir, offline=args.offline, mirror=args.mirror, http_hosts=args.http_hosts
+        cache_dir=args.cache_dir,
+        offline=args.offline,
+        mirror=args.mirror,
+        http_hosts=args.http_hosts,
+        socket=args.socket,
+        **extra,
     )
 
 
-async def _with_engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
-    engine = Engine(settings_from(args))
+# -- choosing daemon or engine ----------------------------------------------------------------------
+
+
+async def _run(
+    args: argparse.Namespace,
+    via_daemon: Callable[[DaemonClient], Awaitable[int]],
+    in_process: Callable[[Engine], Awaitable[int]],
+    force_local: bool = False,
+) -> int:
+    settings = settings_from(args)
+    if not force_local:
+        async with DaemonClient(settings) as client:
+            if await client.is_running():
+                return await via_daemon(client)
+    _check_owner(settings)
+    engine = Engine(settings)
     await engine.start()
     try:
-        return await body(engine)
+        return await in_process(engine)
     finally:
         await engine.close()
 
 
+def _check_owner(settings: Settings) -> None:
+    """The in-process engine may only write a cache the user owns; a shared cache belongs to its daemon."""
+    root = settings.cache_dir
+    if root.exists() and root.stat().st_uid != os.geteuid():
+        where = settings.url or settings.socket
+        raise BadRequest(
+            f"the cache {root} belongs to another user and no hubd daemon answers at {where}",
+            "start the daemon (`systemctl start hubd`), or set HUBD_CACHE_DIR to a cache of your own",
+        )
+
+
+async def _stream_into_bar(events: AsyncIterator[Any], bar: ProgressBar) -> Entry:
+    async for event in events:
+        data = event if isinstance(event, dict) else event.model_dump()
+        if data["event"] == "progress":
+            bar(data["phase"], data["done"], data["total"])
+        elif data["event"] == "done":
+            return Entry.model_validate(data["entry"])
+        elif data["event"] == "error":
+            raise error_from(data)
+    raise HubdError("the daemon ended the stream without a result", "see the daemon's log")
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hubd.server.daemon import serve
+
+    return serve(settings_from(args))
+
+
 def _pull(args: argparse.Namespace) -> int:
-    async def body(engine: Engine) -> int:
-        bar = ProgressBar(args.handle)
-        try:
-            entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar)
-        finally:
-            bar.close()
+    bar = ProgressBar(args.handle)
+
+    async def via_daemon(client: DaemonClient) -> int:
+        body = {"handle": args.handle, "sha256": args.sha256}
+        entry = await _stream_into_bar(client.stream("/v1/pull", body), bar)
         print(entry.path)
         return 0
 
-    return asyncio.run(_with_engine(args, body))
+    async def in_process(engine: Engine) -> int:
+        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar)
+        print(entry.path)
+        return 0
+
+    try:
+        return asyncio.run(_run(args, via_daemon, in_process))
+    finally:
+        bar.close()
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest_file)  # errors point at the entry before anything is sent
+    board = ProgressBoard([m.handle for m in manifest.model])
+    results: dict[str, str] = {}
+
+    async def consume(events: AsyncIterator[Any]) -> int:
+        failed = 0
+        async for event in events:
+            data = event if isinstance(event, dict) else event.model_dump()
+            if data["event"] == "progress":
+                board.update(data["handle"], data["phase"], data["done"], data["total"])
+            elif data["event"] == "done":
+                entry = data["entry"]
+                results[data["handle"]] = f"ok      {human_bytes(entry['size_bytes']):>10}  {entry['path']}"
+                board.finish(data["handle"], "done")
+            elif data["event"] == "error":
+                failed += 1
+                results[data["handle"]] = f"FAILED  {data['error']['message']} (hint: {data['error']['hint']})"
+                board.finish(data["handle"], "failed")
+        return failed
+
+    async def via_daemon(client: DaemonClient) -> int:
+        return await consume(client.stream("/v1/prefetch", manifest.model_dump()))
+
+    async def in_process(engine: Engine) -> int:
+        return await consume(resolve_many(engine, manifest.model))
+
+    try:
+        failed = asyncio.run(_run(args, via_daemon, in_process, force_local=args.no_daemon))
+    finally:
+        board.close()
+    width = max((len(h) for h in results), default=0)
+    for handle in (m.handle for m in manifest.model):
+        print(f"{handle:<{width}}  {results.get(handle, 'FAILED  no result')}")
+    print(f"{len(results) - failed} ok, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    async def body(engine: Engine) -> int:
-        entries = sorted(engine.list_entries(), key=lambda e: e.fetched_at)
-        if args.json:
-            print(json.dumps([e.model_dump() for e in entries], indent=2))
-        else:
-            print(_table(entries))
+    def show(entries: list[Entry]) -> int:
+        entries = sorted(entries, key=lambda e: e.fetched_at)
+        print(json.dumps([e.model_dump() for e in entries], indent=2) if args.json else _table(entries))
         return 0
 
-    return asyncio.run(_with_engine(args, body))
+    async def via_daemon(client: DaemonClient) -> int:
+        return show(await client.entries())
+
+    async def in_process(engine: Engine) -> int:
+        return show(engine.list_entries())
+
+    return asyncio.run(_run(args, via_daemon, in_process))
 
 
 def _table(entries: list[Entry]) -> str:
     rows = [("ID", "SIZE", "STATE", "LAST USED", "HANDLES")]
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
-        rows.append((e.id[:12], human_bytes(e.size_bytes), e.state, used, ", ".join(e.handles)))
+        state = e.state + (",pinned" if e.pinned else "")
+        rows.append((e.id[:12], human_bytes(e.size_bytes), state, used, ", ".join(e.handles)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
     return "\n".join(f"{line}  {row[4]}" for line, row in zip(lines, rows, strict=True))
 
 
 def _verify(args: argparse.Namespace) -> int:
-    async def body(engine: Engine) -> int:
-        reports = await engine.verify(args.handle, heal=not args.no_heal)
+    def show(results: list[dict[str, Any]]) -> int:
         unhealthy = 0
-        for report in reports:
-            name = ", ".join(report.entry.handles) or report.entry.id
-            if not report.problems:
-                print(f"ok      {report.entry.id[:12]}  {name}")
+        for result in results:
+            name = ", ".join(result["handles"]) or result["id"]
+            if not result["problems"]:
+                print(f"ok      {result['id'][:12]}  {name}")
                 continue
-            status = "healed" if report.healed else "BROKEN"
-            unhealthy += 0 if report.healed else 1
-            print(f"{status:<7} {report.entry.id[:12]}  {name}")
-            for problem in report.problems:
+            status = "healed" if result["healed"] else "BROKEN"
+            unhealthy += 0 if result["healed"] else 1
+            print(f"{status:<7} {result['id'][:12]}  {name}")
+            for problem in result["problems"]:
                 print(f"          {problem}")
         return 1 if unhealthy else 0
 
-    return asyncio.run(_with_engine(args, body))
+    async def via_daemon(client: DaemonClient) -> int:
+        return show(await client.verify(args.handle, heal=not args.no_heal))
+
+    async def in_process(engine: Engine) -> int:
+        reports = await engine.verify(args.handle, heal=not args.no_heal)
+        return show(
+            [
+                {"id": r.entry.id, "handles": r.entry.handles, "problems": r.problems, "healed": r.healed}
+                for r in reports
+            ]
+        )
+
+    return asyncio.run(_run(args, via_daemon, in_process))
 
 
 def _rm(args: argparse.Namespace) -> int:
-    async def body(engine: Engine) -> int:
-        entry = engine.remove(args.handle)
+    def report(entry: Entry) -> int:
         print(f"removed {entry.id[:12]} ({human_bytes(entry.size_bytes)}): {', '.join(entry.handles)}")
         return 0
 
-    return asyncio.run(_with_engine(args, body))
+    async def via_daemon(client: DaemonClient) -> int:
+        hosts = frozenset(client.settings.http_hosts)
+        return report(await client.remove(_match(await client.entries(), args.handle, hosts)))
+
+    async def in_process(engine: Engine) -> int:
+        return report(engine.remove(args.handle))
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
+def _match(entries: list[Entry], handle_or_id: str, http_hosts: frozenset[str]) -> str:
+    """The full id an id prefix or a handle names, among the daemon's entries."""
+    by_id = [e.id for e in entries if len(handle_or_id) >= 8 and e.id.startswith(handle_or_id)]
+    if len(by_id) == 1:
+        return by_id[0]
+    canonical = parse_handle(handle_or_id, http_hosts).canonical
+    for entry in entries:
+        if canonical in entry.handles:
+            return entry.id
+    raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,14 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "hubd"
 
 
+def default_socket() -> Path:
+    """`/run/hubd/hubd.sock` for the system service, `$XDG_RUNTIME_DIR/hubd/hubd.sock` for a user's daemon."""
+    if os.geteuid() == 0 or os.environ.get("HUBD_SYSTEM") == "1":
+        return Path("/run/hubd/hubd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(runtime) / "hubd" if runtime else Path(f"/tmp/hubd-{os.getuid()}")) / "hubd.sock"
+
+
 class Settings(BaseSettings):
     """Everything the engine needs to know, validated once."""
 
@@ -64,6 +72,21 @@ class Settings(BaseSettings):
     backoff_base: float = Field(0.5, ge=0, description="First retry delay; doubles each time, with jitter.")
     fsync: bool = Field(True, description="fsync published files; off only for throwaway caches.")
 
+    socket: Path = Field(default_factory=default_socket, description="Unix socket of the daemon's API.")
+    url: str | None = Field(
+        None, description="Reach the daemon over loopback TCP instead (http://127.0.0.1:PORT)."
+    )
+    listen: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Loopback TCP listeners, HOST:PORT (127.0.0.1, [::1] or localhost)."
+    )
+    admin_group: str | None = Field(None, description="Group whose members may delete, collect and pin.")
+    token_file: Path | None = Field(None, description="File holding the admin token for TCP requests.")
+    manifests: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Manifest files the daemon prefetches and watches."
+    )
+    watch_cache: bool = Field(True, description="Watch published entries and re-verify any that change.")
+    prefetch_concurrency: int = Field(4, ge=1, le=64)
+
     @field_validator("mirror")
     @classmethod
     def _mirror_is_http(cls, value: str | None) -> str | None:
@@ -74,7 +97,7 @@ class Settings(BaseSettings):
             raise ValueError("the mirror must be an http:// or https:// URL")
         return value.rstrip("/")
 
-    @field_validator("allowed_hosts", "http_hosts", mode="before")
+    @field_validator("allowed_hosts", "http_hosts", "listen", "manifests", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

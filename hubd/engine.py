@@ -22,6 +22,7 @@ from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import (
     ChecksumMismatch,
+    DisallowedHost,
     DiskFull,
     HubdError,
     NotCached,
@@ -29,7 +30,7 @@ from hubd.errors import (
     VerificationFailed,
 )
 from hubd.fetch import ProgressCallback, download, make_session
-from hubd.handles import Source, kaggle_canonical_from_url, parse_handle
+from hubd.handles import Source, host_allowed, kaggle_canonical_from_url, parse_handle
 from hubd.index import Index
 from hubd.sink import StreamingExtraction
 from hubd.store import ObjectMeta, Ref, Store
@@ -66,7 +67,13 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._flights: dict[str, _Flight] = {}
         self._meta_cache: dict[str, ObjectMeta] = {}
-        self.stats = {"hits": 0, "misses": 0, "bytes_fetched": 0, "fetches": 0}
+        self.stats: dict[str, float] = {
+            "hits": 0,
+            "misses": 0,
+            "bytes_fetched": 0,
+            "fetches": 0,
+            "fetch_seconds": 0,
+        }
 
     async def start(self) -> None:
         self.store.ensure_layout()
@@ -90,7 +97,16 @@ class Engine:
         return self._index
 
     def parse(self, handle: str) -> Source:
-        return parse_handle(handle, self.http_hosts)
+        """Parse a handle and refuse servers that are not allowed upstreams (no probing of other machines)."""
+        source = parse_handle(handle, self.http_hosts)
+        if source.kind == "url":
+            host = (urlsplit(source.url).hostname or "").lower()
+            if host not in self.http_hosts and not host_allowed(host, self.settings.allowed_hosts):
+                raise DisallowedHost(
+                    f"{host} is not an allowed model server: {handle!r}",
+                    "add the host to HUBD_ALLOWED_HOSTS (or allowed_hosts in the config file) if you trust it",
+                )
+        return source
 
     # -- resolve ------------------------------------------------------------------------------------
 
@@ -170,6 +186,7 @@ class Engine:
 
     async def _fetch(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         url = source.download_url(self.settings.mirror)
+        started = time.monotonic()
         staging = self.store.new_staging()
         try:
             sink = StreamingExtraction(
@@ -212,6 +229,7 @@ class Engine:
             flight.emit("publish", 0, None)
             await asyncio.to_thread(self.store.publish, staging.tree, meta)
             self._bind(names, source.handle, meta)
+            self.stats["fetch_seconds"] += time.monotonic() - started
             return self._entry(meta, last_used=time.time())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -256,6 +274,13 @@ class Engine:
                 self._meta_cache[digest] = meta
         return meta
 
+    def pin(self, digest: str, name: str) -> None:
+        """Mark an object as wanted by a manifest: eviction never removes it."""
+        self.store.pin(digest, name)
+
+    def entry_for(self, meta: ObjectMeta) -> Entry:
+        return self._entry(meta)
+
     def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
         path = self.store.object_path(meta.digest)
         broken = bool(problems) or not path.is_dir()
@@ -270,6 +295,7 @@ class Engine:
             fetched_at=meta.fetched_at,
             last_used=last_used if last_used is not None else self.index.last_used(meta.digest),
             state="broken" if broken else "ok",
+            pinned=bool(self.store.pin_names(meta.digest)),
             problems=problems or ([] if path.is_dir() else ["quarantined: failed verification"]),
         )
 
@@ -281,9 +307,11 @@ class Engine:
         refs = list(self.store.iter_refs())
         digest: str | None = None
         if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
-            matches = {m.digest for m in self.store.iter_meta() if m.digest.startswith(handle_or_id)}
-            digest = matches.pop() if len(matches) == 1 else None
-        if digest is None:
+            matches = {p.stem for p in self.store.meta_dir.glob(f"{handle_or_id}*.json")}
+            if len(matches) > 1:
+                raise UnknownModel(f"id prefix {handle_or_id!r} is ambiguous", "give more characters of the id")
+            digest = matches.pop() if matches else None
+        else:
             source = self.parse(handle_or_id)
             ref = self.store.read_ref(source.ref_key)
             digest = ref.digest if ref else None

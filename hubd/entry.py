@@ -28,4 +28,5 @@ class Entry(BaseModel):
     fetched_at: float
     last_used: float | None = None
     state: EntryState = "ok"
+    pinned: bool = False
     problems: list[str] = []

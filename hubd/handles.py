@@ -77,7 +77,7 @@ def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Sourc
         first = raw.split("/", 1)[0].lower()
         if first in _TFHUB_HOSTS | _KAGGLE_HOSTS:
             raw = "https://" + raw
-        elif Path(raw).is_dir():
+        elif _is_dir(raw):
             return _local_source(raw)
         else:
             raise BadHandle(f"not a model handle: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
@@ -170,11 +170,22 @@ def _url_source(handle: str, scheme: str, netloc: str, segments: list[str]) -> S
 
 
 def _local_source(raw: str) -> Source:
-    path = Path(raw.removeprefix("file://")).expanduser()
-    if not path.is_dir():
+    try:
+        path = Path(raw.removeprefix("file://")).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist
+        path = Path(raw)
+    if not _is_dir(str(path)):
         raise BadHandle(f"no such model directory: {raw!r}", "pass an existing SavedModel directory")
     resolved = str(path.resolve())
     return Source(kind="local", handle=raw, canonical=resolved, local_path=resolved)
+
+
+def _is_dir(path: str) -> bool:
+    """Like Path.is_dir, but a name too long or otherwise unusable is simply not a directory."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def kaggle_canonical_from_url(url: str, mirror_hosts: frozenset[str] = frozenset()) -> str | None:

@@ -51,3 +51,56 @@ class ProgressBar:
         if self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class ProgressBoard:
+    """One progress line per model: redrawn in place on a TTY, a line per phase change otherwise."""
+
+    def __init__(self, handles: list[str], stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.handles = list(dict.fromkeys(handles))
+        self.lines = {h: "queued" for h in self.handles}
+        self._phases: dict[str, str] = {}
+        self._drawn = 0
+        self._last = 0.0
+
+    def update(self, handle: str, phase: str, done: int, total: int | None) -> None:
+        if not self.is_tty:
+            if self._phases.get(handle) != phase:
+                self._phases[handle] = phase
+                self.stream.write(f"{handle}: {phase}\n")
+                self.stream.flush()
+            return
+        if total:
+            filled = int(20 * min(done / total, 1.0))
+            self.lines[handle] = (
+                f"{phase} [{'#' * filled}{'-' * (20 - filled)}] {human_bytes(done)}/{human_bytes(total)}"
+            )
+        else:
+            self.lines[handle] = f"{phase} {human_bytes(done) if done else ''}"
+        now = time.monotonic()
+        if now - self._last > 0.1:
+            self._last = now
+            self._draw()
+
+    def finish(self, handle: str, outcome: str) -> None:
+        self.lines[handle] = outcome
+        if self.is_tty:
+            self._draw()
+        else:
+            self.stream.write(f"{handle}: {outcome}\n")
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        width = max(len(h) for h in self.handles) if self.handles else 0
+        out = "\x1b[F" * self._drawn
+        for handle in self.handles:
+            out += f"\x1b[K{handle:<{width}}  {self.lines.get(handle, '')}"[:220] + "\n"
+        self.stream.write(out)
+        self.stream.flush()
+        self._drawn = len(self.handles)
+
+    def close(self) -> None:
+        if self.is_tty and self.handles:
+            self._draw()

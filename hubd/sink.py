@@ -58,9 +58,10 @@ class StreamingExtraction:
 
     def _next_chunk(self) -> bytes:
         chunk = self._queue.get()
-        if chunk is None:
-            raise _Aborted()
-        if chunk is _EOF:
+        if chunk is None or chunk is _EOF:
+            self._queue.put_nowait(chunk)  # sentinels stay put, so every reader thread sees them
+            if chunk is None:
+                raise _Aborted()
             self._saw_eof = True
             return chunk
         self._loop.call_soon_threadsafe(self._slots.release)
@@ -90,7 +91,10 @@ class StreamingExtraction:
     async def finish(self) -> TreeManifest:
         """Signal the end of the archive and wait for the extractor's manifest."""
         self._queue.put_nowait(_EOF)
-        return await self._done
+        try:
+            return await self._done
+        finally:
+            await asyncio.to_thread(self._thread.join)
 
     async def restart(self) -> None:
         """Throw away everything extracted so far and begin again (the server could not resume)."""

@@ -6,6 +6,7 @@ Layout under the cache root (see docs/cache-layout.md)::
     objects/<digest>/       published SavedModel trees, read-only, named by their tree digest
     meta/<digest>.json      per object: tree manifest, archive sha256, size, fetch time, names
     refs/<key>.json         per canonical handle: which object it points at
+    pins/<digest>.json      objects a manifest pinned (never evicted), with the names that pinned them
     staging/<token>/        private work dirs, each held by a flock on staging/<token>.lock
     quarantine/             trees that failed verification, kept for inspection
     locks/<key>.lock        cross-process single-flight locks
@@ -116,10 +117,11 @@ class Store:
         self.staging = root / "staging"
         self.quarantine_dir = root / "quarantine"
         self.locks = root / "locks"
+        self.pins = root / "pins"
 
     def ensure_layout(self) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for public in (self.objects, self.meta_dir, self.refs):
+        for public in (self.objects, self.meta_dir, self.refs, self.pins):
             public.mkdir(mode=0o755, exist_ok=True)
         for private in (self.staging, self.quarantine_dir, self.locks):
             private.mkdir(mode=0o700, exist_ok=True)
@@ -227,6 +229,7 @@ class Store:
             os.chmod(source, 0o755)
             os.rename(source, doomed)  # vanishes atomically, then is removed at leisure
         (self.meta_dir / f"{digest}.json").unlink(missing_ok=True)
+        self.unpin(digest)
         remove_tree(doomed)
 
     # -- refs ----------------------------------------------------------------------------------------
@@ -255,6 +258,22 @@ class Store:
             ref = self.read_ref(path.stem)
             if ref is not None:
                 yield ref
+
+    # -- pins --------------------------------------------------------------------------------------------
+
+    def pin(self, digest: str, name: str) -> None:
+        names = self.pin_names(digest)
+        if name not in names:
+            self._write_json(self.pins / f"{digest}.json", {"names": [*names, name]})
+
+    def unpin(self, digest: str) -> None:
+        (self.pins / f"{digest}.json").unlink(missing_ok=True)
+
+    def pin_names(self, digest: str) -> list[str]:
+        try:
+            return list(json.loads((self.pins / f"{digest}.json").read_text())["names"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return []
 
     def lock_path(self, key: str) -> Path:
         return self.locks / f"{key}.lock"

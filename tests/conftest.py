@@ -95,5 +95,6 @@ def cli_env(settings: Settings) -> dict[str, str]:
         HUBD_MIRROR=settings.mirror or "",
         HUBD_HTTP_HOSTS=",".join(settings.http_hosts),
         HUBD_BACKOFF_BASE=str(settings.backoff_base),
+        HUBD_SOCKET=str(settings.cache_dir.parent / "no-daemon.sock"),
     )
     return env

@@ -65,6 +65,10 @@ class HostingServer:
             self.requests.clear()
             self.range_requests.clear()
 
+    def wait_requests(self, path: str, at_least: int, timeout: float = 30.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.requests[path.strip("/")] >= at_least, timeout)
+
     def wait_sent(self, path: str, at_least: int, timeout: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.bytes_sent[path.strip("/")] >= at_least, timeout)
@@ -111,6 +115,7 @@ class HostingServer:
         path = request.match_info["path"].strip("/")
         with self._cond:
             self.requests[path] += 1
+            self._cond.notify_all()
         behaviour = self.behaviours.get(path)
         if behaviour is None:
             return web.Response(status=404, text="no such model")

@@ -66,6 +66,16 @@ def test_resolve_fetches_verifies_and_publishes_read_only(settings: Settings, up
     assert stat.S_IMODE(tree.stat().st_mode) == 0o555
 
 
+def test_no_worker_threads_outlive_a_fetch(settings: Settings, upstream: Upstream) -> None:
+    import threading
+
+    for model in ("reusable", "large_4mb"):
+        resolve(settings, tfhub(upstream.publish(model)))
+    with pytest.raises(NotAnArchive):
+        resolve(settings, tfhub(upstream.publish("reusable", Behaviour(html_200=True))))
+    assert [t.name for t in threading.enumerate() if t.name.startswith("hubd-")] == []
+
+
 def test_second_resolve_is_served_from_the_cache(settings: Settings, upstream: Upstream) -> None:
     path = upstream.publish("reusable")
     first = resolve(settings, tfhub(path))

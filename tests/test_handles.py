@@ -110,3 +110,9 @@ def test_redirects_only_to_allowed_hosts() -> None:
         check_redirect("https://169.254.169.254/latest/meta-data", "tfhub.dev", allowed, frozenset())
     with pytest.raises(DisallowedHost, match="plain http"):
         check_redirect("http://storage.googleapis.com/a.tar.gz", "tfhub.dev", allowed, frozenset())
+
+
+@pytest.mark.parametrize("handle", ["0" * 5000, "~" + "x" * 5000, "./\x00", "/" + "a/" * 3000])
+def test_absurd_strings_are_bad_handles_not_crashes(handle: str) -> None:
+    with pytest.raises(BadHandle):
+        parse_handle(handle)

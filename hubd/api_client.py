@@ -1,0 +1,109 @@
+"""The CLI's way to the daemon: API v1 over the Unix socket (or HUBD_URL), with aiohttp."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from hubd.config import Settings
+from hubd.entry import Entry
+from hubd.errors import (
+    BadHandle,
+    BadRequest,
+    ChecksumMismatch,
+    DiskFull,
+    HubdError,
+    NotAnArchive,
+    NotCached,
+    NotFoundUpstream,
+    UnknownModel,
+    UnsafeArchive,
+    UpstreamError,
+    VerificationFailed,
+)
+
+_BY_CODE: dict[str, type[HubdError]] = {
+    cls.code: cls
+    for cls in (
+        BadHandle,
+        BadRequest,
+        ChecksumMismatch,
+        DiskFull,
+        NotAnArchive,
+        NotCached,
+        NotFoundUpstream,
+        UnknownModel,
+        UnsafeArchive,
+        UpstreamError,
+        VerificationFailed,
+    )
+}
+
+
+def error_from(body: dict[str, Any]) -> HubdError:
+    detail = body.get("error", body)
+    cls = _BY_CODE.get(str(detail.get("code")), HubdError)
+    error = cls(str(detail.get("message", "the daemon reported an error")), str(detail.get("hint", "")))
+    error.code = str(detail.get("code", error.code))
+    return error
+
+
+class DaemonClient:
+    def __init__(self, settings: Settings, timeout: float | None = None) -> None:
+        self.settings = settings
+        if settings.url:
+            connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+            self.base = settings.url.rstrip("/")
+        else:
+            connector = aiohttp.UnixConnector(path=str(settings.socket))
+            self.base = "http://localhost"
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+        )
+
+    async def __aenter__(self) -> DaemonClient:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.session.close()
+
+    async def is_running(self) -> bool:
+        try:
+            async with self.session.get(f"{self.base}/v1/health") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(method, f"{self.base}{path}", json=body) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise error_from(data)
+            return data
+
+    async def resolve(self, handle: str, sha256: str | None = None) -> Entry:
+        return Entry.model_validate(await self._json("POST", "/v1/resolve", {"handle": handle, "sha256": sha256}))
+
+    async def entries(self) -> list[Entry]:
+        data = await self._json("GET", "/v1/models")
+        return [Entry.model_validate(e) for e in data["models"]]
+
+    async def remove(self, model_id: str) -> Entry:
+        return Entry.model_validate(await self._json("DELETE", f"/v1/models/{model_id}"))
+
+    async def verify(self, handle: str | None, heal: bool) -> list[dict[str, Any]]:
+        data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal})
+        return list(data["results"])
+
+    async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
+        """POST and yield NDJSON events as they arrive."""
+        async with self.session.post(f"{self.base}{path}", json=body) as response:
+            if response.status >= 400:
+                raise error_from(await response.json(content_type=None))
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)

@@ -1,0 +1,59 @@
+"""Resolve many models at once and report as a stream of events: shared by the API and `hubd prefetch`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+from pydantic import BaseModel
+
+from hubd.engine import Engine
+from hubd.errors import HubdError
+from hubd.events import DoneEvent, ErrorDetail, ErrorEvent, ProgressEvent, SummaryEvent
+from hubd.manifest import ManifestEntry
+
+
+async def resolve_many(
+    engine: Engine, wanted: Iterable[ManifestEntry], summary: bool = True
+) -> AsyncIterator[BaseModel]:
+    """Yield progress, then a done or error event per model, then (optionally) a summary.
+
+    The fetches run in their own tasks: a consumer that stops iterating cancels nobody's shared fetch.
+    """
+    events: asyncio.Queue[BaseModel | None] = asyncio.Queue()
+    limit = asyncio.Semaphore(engine.settings.prefetch_concurrency)
+    failures: list[ErrorEvent] = []
+    done = 0
+
+    async def one(item: ManifestEntry) -> None:
+        nonlocal done
+
+        def progress(phase: str, completed: int, total: int | None) -> None:
+            events.put_nowait(
+                ProgressEvent(event="progress", handle=item.handle, phase=phase, done=completed, total=total)
+            )
+
+        async with limit:
+            try:
+                entry = await engine.resolve(item.handle, sha256=item.sha256, on_progress=progress)
+                if item.pin:
+                    engine.pin(entry.id, item.name or item.handle)
+                events.put_nowait(DoneEvent(event="done", handle=item.handle, entry=entry))
+                done += 1
+            except HubdError as exc:
+                failure = ErrorEvent(event="error", handle=item.handle, error=ErrorDetail(**exc.as_dict()))
+                failures.append(failure)
+                events.put_nowait(failure)
+
+    async def run_all() -> None:
+        try:
+            await asyncio.gather(*(one(item) for item in wanted))
+            if summary:
+                events.put_nowait(SummaryEvent(event="summary", ok=done, failed=len(failures), failures=failures))
+        finally:
+            events.put_nowait(None)
+
+    worker = asyncio.create_task(run_all())
+    while (event := await events.get()) is not None:
+        yield event
+    await worker

@@ -1,0 +1,65 @@
+"""Request and response bodies of API v1, as pydantic models (the OpenAPI document is generated from them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hubd.entry import Entry
+from hubd.events import DoneEvent, ErrorDetail, ErrorEvent, ProgressEvent, SummaryEvent
+from hubd.manifest import ManifestEntry
+
+HANDLE = Field(min_length=1, max_length=2048, description="A model handle (see docs/handles.md).")
+SHA256 = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of the archive.")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResolveRequest(_Strict):
+    handle: str = HANDLE
+    sha256: str | None = SHA256
+
+
+class PullRequest(ResolveRequest):
+    pass
+
+
+class VerifyRequest(_Strict):
+    handle: str | None = Field(None, max_length=2048, description="A handle or id; every model when absent.")
+    heal: bool = True
+
+
+class PrefetchRequest(_Strict):
+    model: list[ManifestEntry] = Field(max_length=10_000)
+
+
+class ErrorBody(_Strict):
+    error: ErrorDetail
+
+
+class Health(_Strict):
+    status: Literal["ok"]
+    version: str
+    cache_dir: str
+    offline: bool
+
+
+class ModelList(_Strict):
+    models: list[Entry]
+
+
+class VerifyResult(_Strict):
+    id: str
+    handles: list[str]
+    problems: list[str]
+    healed: bool
+
+
+class VerifyResponse(_Strict):
+    results: list[VerifyResult]
+
+
+__all__ = ["DoneEvent", "ErrorDetail", "ErrorEvent", "ProgressEvent", "SummaryEvent"]

@@ -1,0 +1,138 @@
+"""`hubd serve`: the daemon's lifecycle in one place: bind, start, ready, serve, drain, clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+from aiohttp import web
+
+from hubd.config import Settings
+from hubd.engine import Engine
+from hubd.errors import BadRequest
+from hubd.server.app import create_app
+from hubd.server.guards import AdminPolicy
+from hubd.server.systemd import inherited_sockets, notify
+from hubd.watch import Watchers
+
+log = logging.getLogger("hubd")
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """'127.0.0.1:8750', '[::1]:8750', 'localhost:8750' -> (host, port); anything not loopback is refused."""
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not host:
+        raise BadRequest(f"invalid listen address {spec!r}", "use HOST:PORT, e.g. 127.0.0.1:8750")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise BadRequest(
+            f"refusing to listen on {spec!r}: not a loopback address",
+            "hubd's API is local only; use 127.0.0.1, [::1] or localhost (a LAN mirror is a separate listener)",
+        )
+    return host, int(port)
+
+
+def bind_tcp(spec: str) -> socket.socket:
+    host, port = parse_listen(spec)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise BadRequest(f"{path} exists and is not a socket", "remove it or choose another socket path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: its daemon is gone
+        else:
+            raise BadRequest(f"another hubd is already serving {path}", "stop it first, or pass another --socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 ^ mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    return sock
+
+
+class Daemon:
+    def __init__(self, settings: Settings, socket_mode: int | None = None) -> None:
+        self.settings = settings
+        self.socket_mode = socket_mode if socket_mode is not None else (0o666 if os.geteuid() == 0 else 0o600)
+        self.engine = Engine(settings)
+        self._stop = asyncio.Event()
+        self._owned_socket: Path | None = None
+
+    async def run(self) -> None:
+        await self.engine.start()
+        app = create_app(self.engine, AdminPolicy(self.settings.admin_group, self.settings.token_file))
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=30)
+        await runner.setup()
+        watchers = Watchers(self.engine, self.settings)
+        try:
+            addresses = await self._start_sites(runner)
+            watchers.start(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            log.info("hubd ready: %s (cache %s)", " ".join(addresses), self.settings.cache_dir)
+            notify("READY=1\nSTATUS=serving " + " ".join(addresses))
+            await self._stop.wait()
+            log.info("hubd stopping: draining requests")
+            notify("STOPPING=1")
+        finally:
+            watchers.stop()
+            await runner.cleanup()  # stops accepting, lets in-flight requests finish (up to shutdown_timeout)
+            await self.engine.close()  # cancels fetches nobody waits on; their staging is removed
+            if self._owned_socket is not None:
+                self._owned_socket.unlink(missing_ok=True)
+            log.info("hubd stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _start_sites(self, runner: web.AppRunner) -> list[str]:
+        sockets = inherited_sockets()
+        if not sockets:
+            sockets.append(bind_unix(self.settings.socket, self.socket_mode))
+            self._owned_socket = self.settings.socket
+            sockets += [bind_tcp(spec) for spec in self.settings.listen]
+        addresses = []
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = sock.getsockname()[:2]
+                if not ipaddress.ip_address(host).is_loopback:
+                    raise BadRequest(f"refusing a non-loopback socket {host}:{port}", "bind 127.0.0.1 or ::1")
+                addresses.append(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+            else:
+                addresses.append(f"unix:{sock.getsockname()}")
+            await web.SockSite(runner, sock).start()
+        return addresses
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(Daemon(settings).run())
+    return 0

@@ -1,0 +1,124 @@
+"""Who may call what: browser defences on every request, admin checks on the dangerous ones.
+
+- DNS rebinding: a request whose Host is not a loopback name or address is refused (400).
+- Cross-site requests: any request carrying an Origin header is refused (403); no browser page has business here.
+- Admin: over the Unix socket the peer's uid (SO_PEERCRED) must be root, the daemon's own user, or a member of the
+  configured admin group; over TCP a bearer token read from a file only admins can read is required.
+"""
+
+from __future__ import annotations
+
+import grp
+import hmac
+import ipaddress
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from hubd.errors import HubdError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+class Forbidden(HubdError):
+    code = "forbidden"
+    http_status = 403
+
+
+class MisdirectedHost(HubdError):
+    code = "bad_host"
+    http_status = 400
+
+
+def is_loopback_host(host_header: str) -> bool:
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_unix(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if "Origin" in request.headers:
+        raise Forbidden(
+            "cross-origin requests are refused", "hubd's API is for local programs; browsers may not call it"
+        )
+    if not is_unix(request) and not is_loopback_host(request.headers.get("Host", "")):
+        raise MisdirectedHost(
+            f"Host {request.headers.get('Host', '')!r} is not a loopback name",
+            "connect to 127.0.0.1, [::1] or localhost (this blocks DNS rebinding)",
+        )
+    return await handler(request)
+
+
+def peer_uid_gid(request: web.Request) -> tuple[int, int] | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
+
+
+class AdminPolicy:
+    def __init__(self, admin_group: str | None, token_file: Path | None) -> None:
+        self.admin_gid = grp.getgrnam(admin_group).gr_gid if admin_group else None
+        self.token_file = token_file
+
+    def is_admin_uid(self, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        if self.admin_gid is None:
+            return False
+        if gid == self.admin_gid:
+            return True
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return False
+        return self.admin_gid in os.getgrouplist(name, gid)
+
+    def check(self, request: web.Request) -> None:
+        creds = peer_uid_gid(request)
+        if creds is not None:
+            if self.is_admin_uid(*creds):
+                return
+            raise Forbidden(
+                f"uid {creds[0]} may not change the shared cache",
+                "ask an admin, or join the admin group configured as admin_group",
+            )
+        token = self._token()
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token and given and hmac.compare_digest(token, given):
+            return
+        raise Forbidden(
+            "admin operations over TCP need the admin token",
+            "send 'Authorization: Bearer <token from token_file>', or use the Unix socket",
+        )
+
+    def _token(self) -> str:
+        if self.token_file is None:
+            return ""
+        try:
+            return self.token_file.read_text().strip()
+        except OSError:
+            return ""

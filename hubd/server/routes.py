@@ -1,0 +1,164 @@
+"""API v1 handlers: parse the body into a model, call the engine, render the result. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from hubd import __version__
+from hubd.engine import Engine
+from hubd.errors import BadRequest
+from hubd.manifest import ManifestEntry, parse_manifest
+from hubd.prefetch import resolve_many
+from hubd.server.api import (
+    Health,
+    ModelList,
+    PrefetchRequest,
+    PullRequest,
+    ResolveRequest,
+    VerifyRequest,
+    VerifyResponse,
+    VerifyResult,
+)
+from hubd.server.guards import AdminPolicy
+from hubd.server.metrics import Metrics
+
+M = TypeVar("M", bound=BaseModel)
+ENGINE = web.AppKey("engine", Engine)
+ADMIN = web.AppKey("admin", AdminPolicy)
+METRICS = web.AppKey("metrics", Metrics)
+OPENAPI = web.AppKey("openapi", dict)
+_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def json_response(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", "send a JSON object") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(f"invalid request body: {problems}", "see /v1/openapi.json for the schema") from None
+
+
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE]
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    return json_response(
+        Health(
+            status="ok",
+            version=__version__,
+            cache_dir=str(engine.settings.cache_dir),
+            offline=engine.settings.offline,
+        )
+    )
+
+
+async def resolve(request: web.Request) -> web.Response:
+    body = await parse_body(request, ResolveRequest)
+    entry = await _engine(request).resolve(body.handle, sha256=body.sha256)
+    return json_response(entry)
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, PullRequest)
+    _engine(request).parse(body.handle)  # a bad handle is a plain 400, before the stream starts
+    wanted = [ManifestEntry(handle=body.handle, sha256=body.sha256, name=None)]
+    return await _stream_resolves(request, wanted, summary=False)
+
+
+async def prefetch(request: web.Request) -> web.StreamResponse:
+    if request.content_type in ("application/toml", "text/x-toml", "text/plain"):
+        manifest = parse_manifest(await request.text(), "request body")
+        wanted = manifest.model
+    else:
+        wanted = (await parse_body(request, PrefetchRequest)).model
+    return await _stream_resolves(request, wanted, summary=True)
+
+
+async def _stream_resolves(
+    request: web.Request, wanted: Iterable[ManifestEntry], summary: bool
+) -> web.StreamResponse:
+    """Stream NDJSON events; a client that disconnects stops reading, the fetches go on for everyone else."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    connected = True
+    async for event in resolve_many(_engine(request), wanted, summary=summary):
+        if not connected:
+            continue
+        try:
+            await response.write(event.model_dump_json().encode() + b"\n")
+        except (ConnectionResetError, RuntimeError):
+            connected = False
+    if connected:
+        await response.write_eof()
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response(ModelList(models=_engine(request).list_entries()))
+
+
+def _model_id(request: web.Request) -> str:
+    model_id = request.match_info["id"]
+    if not _ID.match(model_id):
+        raise BadRequest(f"not a model id: {model_id!r}", "ids are the hex digests shown by GET /v1/models")
+    return model_id
+
+
+async def get_model(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    meta, _refs = engine.find(_model_id(request))
+    return json_response(engine.entry_for(meta))
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    model_id = _model_id(request)
+    request.app[ADMIN].check(request)
+    return json_response(_engine(request).remove(model_id))
+
+
+async def verify(request: web.Request) -> web.Response:
+    body = await parse_body(request, VerifyRequest)
+    reports = await _engine(request).verify(body.handle, heal=body.heal)
+    results = [
+        VerifyResult(id=r.entry.id, handles=r.entry.handles, problems=r.problems, healed=r.healed) for r in reports
+    ]
+    return json_response(VerifyResponse(results=results))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[METRICS].render(_engine(request))
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/resolve", resolve)
+    app.router.add_post("/v1/pull", pull)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{id}", get_model)
+    app.router.add_delete("/v1/models/{id}", delete_model)
+    app.router.add_post("/v1/verify", verify)
+    app.router.add_post("/v1/prefetch", prefetch)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
