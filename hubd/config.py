@@ -21,6 +21,7 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from hubd.errors import BadRequest
+from hubd.paths import default_cache_dir, default_socket
 
 #: Hosts a download may be redirected to by default: the public hubs and the storage they redirect to.
 DEFAULT_ALLOWED_HOSTS = (
@@ -32,19 +33,6 @@ DEFAULT_ALLOWED_HOSTS = (
     "*.storage.googleapis.com",
     "*.googleusercontent.com",
 )
-
-
-def default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "hubd"
-
-
-def default_socket() -> Path:
-    """`/run/hubd/hubd.sock` for the system service, `$XDG_RUNTIME_DIR/hubd/hubd.sock` for a user's daemon."""
-    if os.geteuid() == 0 or os.environ.get("HUBD_SYSTEM") == "1":
-        return Path("/run/hubd/hubd.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return (Path(runtime) / "hubd" if runtime else Path(f"/tmp/hubd-{os.getuid()}")) / "hubd.sock"
 
 
 class Settings(BaseSettings):

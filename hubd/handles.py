@@ -1,4 +1,4 @@
-"""Parse and canonicalise model handles into a `Source`: what to download, and under which name to cache it.
+"""Parse and canonicalise model handles into a `Source`: what to download, and the name to cache it under.
 
 Accepted forms (see docs/handles.md for the rules):
 
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
-
-from pydantic import BaseModel, ConfigDict
 
 from hubd.errors import BadHandle, DisallowedHost
 
@@ -39,10 +38,13 @@ _VERSION = re.compile(r"^[0-9]+$")
 SourceKind = Literal["tfhub", "kaggle", "url", "local"]
 
 
-class Source(BaseModel):
-    """A parsed handle: where its archive lives and the one name it is cached under."""
+@dataclass(frozen=True)
+class Source:
+    """A parsed handle: where its archive lives and the one name it is cached under.
 
-    model_config = ConfigDict(frozen=True)
+    A plain dataclass, not pydantic: the client library parses handles too (for its offline look-up), and
+    `import hubd_client` must stay standard-library only.
+    """
 
     kind: SourceKind
     handle: str

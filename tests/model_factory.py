@@ -44,27 +44,44 @@ def build_reusable(path: Path) -> None:
     tf.saved_model.save(obj, str(path))
 
 
-class TextEmbedding(tf.Module):
-    """Sentences in, one vector each out: hashed tokens averaged over a trainable embedding table."""
+def build_text_embedding(path: Path) -> None:
+    """Sentences in, one vector each out (like nnlm): hashed tokens averaged over a trainable embedding table.
 
-    def __init__(self) -> None:
-        super().__init__()
-        rng = np.random.default_rng(7)
-        self.embeddings = tf.Variable(rng.normal(size=(BUCKETS, EMBED_DIM)).astype("float32"), name="embeddings")
+    A Reusable SavedModel, as TF Hub's text embeddings are: `variables`, `trainable_variables`, a `default`
+    signature for TF1-style users.
+    """
+    obj = tf.train.Checkpoint()
+    rng = np.random.default_rng(7)
+    obj.embeddings = tf.Variable(rng.normal(size=(BUCKETS, EMBED_DIM)).astype("float32"), name="embeddings")
+    obj.variables = [obj.embeddings]
+    obj.trainable_variables = [obj.embeddings]
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-    def __call__(self, sentences: tf.Tensor) -> tf.Tensor:
+    def embed(sentences: tf.Tensor) -> tf.Tensor:
         tokens = tf.strings.split(tf.strings.lower(sentences))
         ids = tf.strings.to_hash_bucket_fast(tokens, BUCKETS)
-        vectors = tf.ragged.map_flat_values(tf.nn.embedding_lookup, self.embeddings, ids)
+        vectors = tf.ragged.map_flat_values(tf.nn.embedding_lookup, obj.embeddings, ids)
         return tf.math.divide_no_nan(
             tf.reduce_sum(vectors, axis=1), tf.cast(tf.expand_dims(tokens.row_lengths(), 1), tf.float32)
         )
 
+    obj.__call__ = embed
+    obj.regularization_losses = []
+    tf.saved_model.save(obj, str(path), signatures={"default": embed})
 
-def build_text_embedding(path: Path) -> None:
-    module = TextEmbedding()
-    tf.saved_model.save(module, str(path), signatures={"default": module.__call__})
+
+def build_signature_only(path: Path) -> None:
+    """A model reachable only through a serving signature that returns a dict (TF1-export style)."""
+    module = tf.Module()
+    module.kernel = tf.Variable([[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]], name="kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="features")])
+    def serve(features: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits = tf.matmul(features, module.kernel)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
 
 
 def build_large(path: Path, megabytes: int) -> None:
@@ -95,7 +112,13 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    builders = {} if args.only_large else {"reusable": build_reusable, "text_embedding": build_text_embedding}
+    builders = {
+        "reusable": build_reusable,
+        "text_embedding": build_text_embedding,
+        "signature_only": build_signature_only,
+    }
+    if args.only_large:
+        builders = {}
     index = {}
     for name, build in builders.items():
         build(out / name)

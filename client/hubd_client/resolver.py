@@ -1,0 +1,60 @@
+"""resolve(handle) -> local path: ask the daemon; map the path into a container's view; fall back offline."""
+
+from __future__ import annotations
+
+import os
+
+from hubd.handles import parse_handle
+from hubd_client import transport
+from hubd_client.errors import DaemonUnavailable, HubdClientError
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
+
+
+def resolve(handle: str) -> str:
+    """A local directory holding the SavedModel for `handle` (local paths are returned as they are)."""
+    handle = os.fspath(handle)
+    if handle.startswith(_LOCAL_PREFIXES) or ("://" not in handle and os.path.isdir(handle)):
+        return parse_handle(handle).local_path
+    try:
+        status, body = transport.request("POST", "/v1/resolve", {"handle": handle})
+    except transport.Unreachable as exc:
+        return _fallback(handle, str(exc))
+    if status != 200:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise HubdClientError(
+            str(error.get("code", "error")),
+            str(error.get("message", f"hubd answered HTTP {status}")),
+            str(error.get("hint", "")),
+        )
+    return _visible_path(body["path"], body.get("relpath", ""))
+
+
+def _visible_path(path: str, relpath: str) -> str:
+    """The daemon's path if this process sees it; else the same entry under our own mount of the cache."""
+    if os.path.isdir(path):
+        return path
+    cache_dir = os.environ.get("HUBD_CACHE_DIR")
+    if cache_dir and relpath:
+        mapped = os.path.join(cache_dir, relpath)
+        if os.path.isdir(mapped):
+            return mapped
+    raise HubdClientError(
+        "path_not_visible",
+        f"the daemon's path {path} does not exist in this process's filesystem",
+        "in a container, mount the host's cache read-only and set HUBD_CACHE_DIR to where it is mounted",
+    )
+
+
+def _fallback(handle: str, why: str) -> str:
+    from hubd_client.offline import lookup
+
+    path, looked_in = lookup(handle)
+    if path is not None:
+        return path
+    raise DaemonUnavailable(
+        "daemon_unavailable",
+        f"the hubd daemon is not running (nothing answers at {transport.where()}: {why}) "
+        f"and {handle} is not in the cache at {looked_in}",
+        "start it with `hubd serve` (or `systemctl start hubd`), or set HUBD_SOCKET / HUBD_URL to where it runs",
+    )
