@@ -99,6 +99,12 @@ class DaemonClient:
         data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal})
         return list(data["results"])
 
+    async def gc(self, dry_run: bool) -> dict[str, Any]:
+        return dict(await self._json("POST", "/v1/gc", {"dry_run": dry_run}))
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self._json("GET", "/v1/status"))
+
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST and yield NDJSON events as they arrive."""
         async with self.session.post(f"{self.base}{path}", json=body) as response:

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--manifest", action="append", help="prefetch this manifest and watch it (repeatable)")
     serve.add_argument("--admin-group", help="members of this group may delete models")
     serve.add_argument("--token-file", help="file holding the admin token for TCP requests")
+    serve.add_argument("--max-size", help="quota for cached models, e.g. 50G; least recently used go first")
+    serve.add_argument(
+        "--mirror-listen", action="append", help="serve the TF Hub hosting protocol to other machines on HOST:PORT"
+    )
     serve.set_defaults(run=_serve)
 
     pull = commands.add_parser("pull", parents=[common], help="fetch a model if needed and print its path")
@@ -67,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-heal", action="store_true", help="report only; do not re-fetch")
     verify.set_defaults(run=_verify)
 
+    gc = commands.add_parser("gc", parents=[common], help="evict to fit the quota; drop orphans and quarantine")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.add_argument("--max-size", help="quota to collect down to (default: the daemon's / HUBD_MAX_SIZE)")
+    gc.set_defaults(run=_gc)
+
+    status = commands.add_parser("status", parents=[common], help="cache size, entries, pins, upstream")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
+
     rm = commands.add_parser("rm", parents=[common], help="remove a model from the cache")
     rm.add_argument("handle", help="a handle or id")
     rm.set_defaults(run=_rm)
@@ -75,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     extra: dict[str, Any] = {}
-    for name in ("listen", "manifest", "admin_group", "token_file"):
+    for name in ("listen", "manifest", "admin_group", "token_file", "max_size", "mirror_listen"):
         value = getattr(args, name, None)
         if value is not None:
             extra["manifests" if name == "manifest" else name] = value
@@ -269,6 +282,58 @@ def _rm(args: argparse.Namespace) -> int:
 
     async def in_process(engine: Engine) -> int:
         return report(engine.remove(args.handle))
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
+def _gc(args: argparse.Namespace) -> int:
+    def show(report: dict[str, Any]) -> int:
+        verb = "would free" if report["dry_run"] else "freed"
+        for entry in report["removed"]:
+            print(
+                f"{'would remove' if report['dry_run'] else 'removed'} {entry['id'][:12]} "
+                f"({human_bytes(entry['size_bytes'])}): {', '.join(entry['handles'])}"
+            )
+        print(
+            f"{verb} {human_bytes(report['freed_bytes'] + report['quarantine_freed_bytes'])}; "
+            f"cache {human_bytes(report['size_before'])} -> {human_bytes(report['size_after'])}; "
+            f"kept {report['kept_pinned']} pinned, {report['kept_recent']} in use"
+        )
+        return 0
+
+    async def via_daemon(client: DaemonClient) -> int:
+        return show(await client.gc(args.dry_run))
+
+    async def in_process(engine: Engine) -> int:
+        report = await engine.gc(dry_run=args.dry_run)
+        return show({**report.__dict__, "removed": [e.model_dump() for e in report.removed]})
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
+def _status(args: argparse.Namespace) -> int:
+    def show(status: dict[str, Any]) -> int:
+        if args.json:
+            print(json.dumps(status, indent=2))
+            return 0
+        quota = human_bytes(status["max_size"]) if status["max_size"] else "none"
+        upstream = status["upstream"]
+        print(f"cache     {status['cache_dir']}")
+        print(f"size      {human_bytes(status['size_bytes'])} (quota {quota})")
+        print(f"entries   {status['entries']} ok, {status['pinned']} pinned, {status['broken']} broken")
+        print(
+            f"upstream  {upstream['url']}: {'reachable' if upstream['reachable'] else 'UNREACHABLE'}"
+            f" ({upstream['detail']})"
+        )
+        return 0
+
+    async def via_daemon(client: DaemonClient) -> int:
+        return show(await client.status())
+
+    async def in_process(engine: Engine) -> int:
+        from hubd.server.routes import cache_status
+
+        return show((await cache_status(engine)).model_dump())
 
     return asyncio.run(_run(args, via_daemon, in_process))
 

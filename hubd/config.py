@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Manifest files the daemon prefetches and watches."
     )
     watch_cache: bool = Field(True, description="Watch published entries and re-verify any that change.")
+    max_size: int | None = Field(
+        None, gt=0, description="Quota for published models (bytes, or '50G'); least recently used go first."
+    )
+    gc_grace: float = Field(600.0, ge=0, description="Seconds an entry stays safe from eviction after a resolve.")
+    tfhub_view: bool = Field(True, description="Keep tfhub_modules/ laid out like tensorflow_hub's cache.")
+    mirror_listen: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Serve the TF Hub hosting protocol for cached models on HOST:PORT."
+    )
     prefetch_concurrency: int = Field(4, ge=1, le=64)
 
     @field_validator("mirror")
@@ -85,7 +93,14 @@ class Settings(BaseSettings):
             raise ValueError("the mirror must be an http:// or https:// URL")
         return value.rstrip("/")
 
-    @field_validator("allowed_hosts", "http_hosts", "listen", "manifests", mode="before")
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_size(value)
+        return value
+
+    @field_validator("allowed_hosts", "http_hosts", "listen", "manifests", "mirror_listen", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -106,6 +121,19 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'50G', '512M', '1.5T', '1000' (bytes); binary units, an optional 'iB'/'B' suffix."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in _UNITS else (cleaned, "")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 50G, 512M)") from None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,11 +30,13 @@ from hubd.errors import (
     UnknownModel,
     VerificationFailed,
 )
+from hubd.eviction import GcReport, collect, gc_lock
 from hubd.fetch import ProgressCallback, download, make_session
-from hubd.handles import Source, host_allowed, kaggle_canonical_from_url, parse_handle
+from hubd.handles import AnyHost, Source, host_allowed, kaggle_canonical_from_url, parse_handle
 from hubd.index import Index
 from hubd.sink import StreamingExtraction
 from hubd.store import ObjectMeta, Ref, Store
+from hubd.tfhub_view import TfhubView
 from hubd.verify import full_problems, quick_problems, structural_problems
 
 
@@ -67,6 +70,7 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._flights: dict[str, _Flight] = {}
         self._meta_cache: dict[str, ObjectMeta] = {}
+        self.view = TfhubView(self.store) if settings.tfhub_view else None
         self.stats: dict[str, float] = {
             "hits": 0,
             "misses": 0,
@@ -80,6 +84,8 @@ class Engine:
         self.store.clean_stale_staging()
         self._index = Index(self.store)
         self._index.rebuild_if_needed()
+        if self.view is not None:
+            self.view.rebuild()
 
     async def close(self) -> None:
         for flight in list(self._flights.values()):
@@ -139,7 +145,7 @@ class Engine:
         problems = quick_problems(tree, meta.manifest)
         if problems:
             if tree.is_dir():
-                self.store.quarantine(ref.digest, "; ".join(problems))
+                self._quarantine(ref.digest, problems)
             return None
         self.index.touch(ref.digest)
         return self._entry(meta, last_used=time.time())
@@ -227,9 +233,10 @@ class Engine:
                 names=names,
             )
             flight.emit("publish", 0, None)
-            await asyncio.to_thread(self.store.publish, staging.tree, meta)
-            self._bind(names, source.handle, meta)
+            await asyncio.to_thread(self._publish, staging.tree, meta, names, source.handle)
             self.stats["fetch_seconds"] += time.monotonic() - started
+            if self.settings.max_size is not None:
+                await asyncio.to_thread(collect, self, self.settings.max_size, False, frozenset({meta.digest}))
             return self._entry(meta, last_used=time.time())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -241,15 +248,26 @@ class Engine:
         finally:
             await asyncio.to_thread(staging.cleanup)
 
-    def _bind(self, names: list[str], handle: str, meta: ObjectMeta) -> None:
-        self.index.record(meta)
-        for position, canonical in enumerate(names):
-            given = handle if position == 0 else "https://www." + canonical
-            key = parse_handle(given, self.http_hosts).ref_key
-            self.store.write_ref(key, Ref(canonical, given, meta.digest, meta.archive_sha256, time.time()))
-            self.index.bind(canonical, meta.digest)
-        self.index.touch(meta.digest)
+    def _publish(self, tree: Path, meta: ObjectMeta, names: list[str], handle: str) -> None:
+        """Publish the tree and point the names at it, all under the shared gc lock (no eviction in between)."""
+        with gc_lock(self.store, shared=True):
+            self.store.publish(tree, meta)
+            self.index.record(meta)
+            for position, canonical in enumerate(names):
+                given = handle if position == 0 else "https://www." + canonical
+                key = parse_handle(given, self.http_hosts).ref_key
+                ref = Ref(canonical, given, meta.digest, meta.archive_sha256, time.time())
+                self.store.write_ref(key, ref)
+                self.index.bind(canonical, meta.digest)
+                if self.view is not None:
+                    self.view.link(ref)
+            self.index.touch(meta.digest)
         self._meta_cache[meta.digest] = meta
+
+    def _quarantine(self, digest: str, problems: list[str]) -> None:
+        if self.view is not None:
+            self.view.unlink_digest(digest)
+        self.store.quarantine(digest, "; ".join(problems))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -321,15 +339,40 @@ class Engine:
         return meta, [r for r in refs if r.digest == meta.digest]
 
     def remove(self, handle_or_id: str) -> Entry:
-        meta, refs = self.find(handle_or_id)
+        meta, _refs = self.find(handle_or_id)
+        return self.remove_digest(meta.digest)
+
+    def remove_digest(self, digest: str) -> Entry:
+        """Delete an object, every ref to it, its pin, its index records and its tensorflow_hub links."""
+        meta = self.store.read_meta(digest)
+        if meta is None:
+            raise UnknownModel(f"no cached model has id {digest}", "see `hubd ls` for what is cached")
         entry = self._entry(meta)
-        for ref in refs:
-            self.store.remove_ref(parse_handle(ref.handle, self.http_hosts).ref_key)
-            self.index.unbind(ref.canonical)
-        self.store.remove_object(meta.digest)
-        self.index.forget(meta.digest)
-        self._meta_cache.pop(meta.digest, None)
+        for ref in self.store.iter_refs():
+            if ref.digest == digest:
+                self.store.remove_ref(parse_handle(ref.handle, AnyHost()).ref_key)
+                self.index.unbind(ref.canonical)
+        if self.view is not None:
+            self.view.unlink_digest(digest)
+        self.store.remove_object(digest)
+        self.index.forget(digest)
+        self._meta_cache.pop(digest, None)
         return entry
+
+    async def check_upstream(self) -> tuple[str, bool, str]:
+        """(url, reachable, detail) of the upstream handles are fetched from: the mirror, else tfhub.dev."""
+        url = self.settings.mirror or "https://tfhub.dev"
+        if self.settings.offline:
+            return url, False, "offline mode: the network is not used"
+        try:
+            async with self._http().head(url, timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False) as r:
+                return url, True, f"HTTP {r.status}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return url, False, f"{type(exc).__name__}: {exc}"
+
+    async def gc(self, dry_run: bool = False) -> GcReport:
+        """Evict to fit the quota (`max_size`); always drops unreferenced objects and quarantined trees."""
+        return await asyncio.to_thread(collect, self, self.settings.max_size, dry_run)
 
     async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
         """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
@@ -339,7 +382,7 @@ class Engine:
             tree = self.store.object_path(meta.digest)
             problems = await asyncio.to_thread(full_problems, tree, meta.manifest)
             if problems and tree.is_dir():
-                self.store.quarantine(meta.digest, "; ".join(problems))
+                self._quarantine(meta.digest, problems)
             report = VerifyReport(self._entry(meta, problems=problems), problems)
             if problems and heal and not self.settings.offline:
                 report.healed = await self._heal(meta)

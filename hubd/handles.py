@@ -68,6 +68,13 @@ class Source:
         return self.url
 
 
+class AnyHost(frozenset[str]):
+    """For look-ups that reach no network (reading the cache): any host passes the plain-http check."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
 def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Source:
     """Turn whatever a user passed into a `Source`, or raise `BadHandle` naming the accepted forms."""
     raw = handle.strip()
@@ -156,7 +163,7 @@ def _kaggle_source(handle: str, segments: list[str]) -> Source:
         handle=handle,
         canonical=f"kaggle.com/models/{short_path}",
         url=f"https://www.kaggle.com/models/{long_path}?tf-hub-format=compressed",
-        mirror_path=short_path,
+        mirror_path=f"models/{short_path}",
     )
 
 
@@ -223,3 +230,11 @@ def check_redirect(url: str, origin_host: str, allowed: list[str], http_hosts: f
             f"redirect to host {host!r} is not allowed",
             "add it to HUBD_ALLOWED_HOSTS if it is a trusted model store",
         )
+
+
+def handle_from_mirror_path(path: str) -> str:
+    """The handle a hosting-protocol path on a hubd LAN mirror stands for (the inverse of `mirror_path`)."""
+    segments = _path_segments("/" + path.strip("/"), path)
+    if segments[:1] == ["models"]:
+        return "https://www.kaggle.com/" + "/".join(segments)
+    return "https://tfhub.dev/" + "/".join(segments)

@@ -68,6 +68,7 @@ class Daemon:
     status: str
     log_path: Path
     tcp: list[str] = field(default_factory=list)
+    mirrors: list[str] = field(default_factory=list)
 
     def unix(self) -> UnixHTTPConnection:
         return UnixHTTPConnection(str(self.socket_path))
@@ -135,4 +136,5 @@ def start_daemon(
         notify_dir.rmdir()
     status = next((line for line in messages.splitlines() if line.startswith("STATUS=")), "")
     tcp = [part for part in status.split() if part.startswith("http://")]
-    return Daemon(proc, socket_path, status, log_path, tcp)
+    mirrors = [part.removeprefix("mirror:") for part in status.split() if part.startswith("mirror:")]
+    return Daemon(proc, socket_path, status, log_path, tcp, mirrors)

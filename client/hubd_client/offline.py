@@ -9,23 +9,16 @@ import os
 from pathlib import Path
 
 from hubd.errors import HubdError
-from hubd.handles import parse_handle
+from hubd.handles import AnyHost, parse_handle
 from hubd.paths import default_cache_dir
 from hubd.store import Store
 from hubd.verify import quick_problems
 
 
-class _AnyHost(frozenset[str]):
-    """Reading the cache reaches no network, so an http handle may be looked up whatever its host."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
 def lookup(handle: str) -> tuple[str | None, Path]:
     root = Path(os.environ.get("HUBD_CACHE_DIR") or default_cache_dir())
     try:
-        source = parse_handle(handle, _AnyHost())
+        source = parse_handle(handle, AnyHost())
     except HubdError:
         return None, root
     store = Store(root, fsync=False)

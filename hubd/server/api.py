@@ -36,6 +36,38 @@ class PrefetchRequest(_Strict):
     model: list[ManifestEntry] = Field(max_length=10_000)
 
 
+class GcRequest(_Strict):
+    dry_run: bool = False
+
+
+class GcResponse(_Strict):
+    dry_run: bool
+    freed_bytes: int
+    quarantine_freed_bytes: int
+    removed: list[Entry]
+    kept_pinned: int
+    kept_recent: int
+    size_before: int
+    size_after: int
+
+
+class Upstream(_Strict):
+    url: str
+    reachable: bool
+    detail: str
+
+
+class Status(_Strict):
+    cache_dir: str
+    offline: bool
+    entries: int
+    pinned: int
+    broken: int
+    size_bytes: int
+    max_size: int | None
+    upstream: Upstream
+
+
 class ErrorBody(_Strict):
     error: ErrorDetail
 

@@ -86,6 +86,9 @@ def openapi_document() -> dict[str, Any]:
         api.Health,
         api.ModelList,
         api.VerifyResponse,
+        api.GcRequest,
+        api.GcResponse,
+        api.Status,
         Entry,
     ]
     _, schema = models_json_schema(
@@ -153,6 +156,14 @@ def openapi_document() -> dict[str, Any]:
                 "responses": responses(ndjson_ok),
             }
         },
+        "/v1/gc": {
+            "post": {
+                "operationId": "gc",
+                "requestBody": body("GcRequest", required=False),
+                "responses": responses(json_ok("GcResponse")),
+            }
+        },
+        "/v1/status": {"get": {"operationId": "status", "responses": responses(json_ok("Status"))}},
         "/metrics": {
             "get": {
                 "operationId": "metrics",

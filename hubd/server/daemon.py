@@ -18,6 +18,7 @@ from hubd.engine import Engine
 from hubd.errors import BadRequest
 from hubd.server.app import create_app
 from hubd.server.guards import AdminPolicy
+from hubd.server.mirror import create_mirror_app
 from hubd.server.systemd import inherited_sockets, notify
 from hubd.watch import Watchers
 
@@ -50,6 +51,19 @@ def bind_tcp(spec: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    return sock
+
+
+def bind_mirror(spec: str) -> socket.socket:
+    """The LAN mirror may listen on any address: it is an explicit opt-in for serving other machines."""
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not sep or not port.isdigit():
+        raise BadRequest(f"invalid mirror address {spec!r}", "use HOST:PORT, e.g. 0.0.0.0:8760")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
     return sock
 
 
@@ -90,9 +104,16 @@ class Daemon:
         app = create_app(self.engine, AdminPolicy(self.settings.admin_group, self.settings.token_file))
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=30)
         await runner.setup()
+        mirror_runner = web.AppRunner(create_mirror_app(self.engine), handle_signals=False, access_log=None)
+        await mirror_runner.setup()
         watchers = Watchers(self.engine, self.settings)
         try:
             addresses = await self._start_sites(runner)
+            for spec in self.settings.mirror_listen:
+                sock = bind_mirror(spec)
+                host, port = sock.getsockname()[:2]
+                await web.SockSite(mirror_runner, sock).start()
+                addresses.append(f"mirror:http://{host if ':' not in host else f'[{host}]'}:{port}")
             watchers.start(asyncio.get_running_loop())
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +125,7 @@ class Daemon:
             notify("STOPPING=1")
         finally:
             watchers.stop()
+            await mirror_runner.cleanup()
             await runner.cleanup()  # stops accepting, lets in-flight requests finish (up to shutdown_timeout)
             await self.engine.close()  # cancels fetches nobody waits on; their staging is removed
             if self._owned_socket is not None:

@@ -16,11 +16,15 @@ from hubd.errors import BadRequest
 from hubd.manifest import ManifestEntry, parse_manifest
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
+    GcRequest,
+    GcResponse,
     Health,
     ModelList,
     PrefetchRequest,
     PullRequest,
     ResolveRequest,
+    Status,
+    Upstream,
     VerifyRequest,
     VerifyResponse,
     VerifyResult,
@@ -88,6 +92,8 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
         wanted = manifest.model
     else:
         wanted = (await parse_body(request, PrefetchRequest)).model
+    if any(item.pin for item in wanted):
+        request.app[ADMIN].check(request)  # pins change what eviction may remove: admins only
     return await _stream_resolves(request, wanted, summary=True)
 
 
@@ -133,6 +139,32 @@ async def delete_model(request: web.Request) -> web.Response:
     return json_response(_engine(request).remove(model_id))
 
 
+async def gc(request: web.Request) -> web.Response:
+    request.app[ADMIN].check(request)
+    body = await parse_body(request, GcRequest)
+    report = await _engine(request).gc(dry_run=body.dry_run)
+    return json_response(GcResponse(**report.__dict__))
+
+
+async def status(request: web.Request) -> web.Response:
+    return json_response(await cache_status(_engine(request)))
+
+
+async def cache_status(engine: Engine) -> Status:
+    entries = engine.list_entries()
+    url, reachable, detail = await engine.check_upstream()
+    return Status(
+        cache_dir=str(engine.settings.cache_dir),
+        offline=engine.settings.offline,
+        entries=sum(1 for e in entries if e.state == "ok"),
+        pinned=sum(1 for e in entries if e.pinned),
+        broken=sum(1 for e in entries if e.state != "ok"),
+        size_bytes=sum(e.size_bytes for e in entries if e.state == "ok"),
+        max_size=engine.settings.max_size,
+        upstream=Upstream(url=url, reachable=reachable, detail=detail),
+    )
+
+
 async def verify(request: web.Request) -> web.Response:
     body = await parse_body(request, VerifyRequest)
     reports = await _engine(request).verify(body.handle, heal=body.heal)
@@ -160,5 +192,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/models/{id}", delete_model)
     app.router.add_post("/v1/verify", verify)
     app.router.add_post("/v1/prefetch", prefetch)
+    app.router.add_post("/v1/gc", gc)
+    app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)

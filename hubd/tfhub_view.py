@@ -1,0 +1,91 @@
+"""A directory laid out like tensorflow_hub's TFHUB_CACHE_DIR, pointing at published entries.
+
+tensorflow_hub (0.16.1, `compressed_module_resolver`) caches a handle in `<cache>/<sha1(handle)>` and treats an
+existing, non-empty directory there as a hit, with no network and no lock. So `tfhub_modules/<sha1>` is a
+relative symlink to `../objects/<digest>` for every spelling of every cached handle, and an unmodified program
+with `TFHUB_CACHE_DIR=<cache root>/tfhub_modules` loads every cached model offline. The sha1 is of the handle
+string exactly as written, so the usual spellings each get a link. Links of broken or removed entries are
+dropped, so tensorflow_hub never loads a damaged tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from hubd.errors import HubdError
+from hubd.handles import AnyHost, parse_handle
+from hubd.store import Ref, Store
+
+VIEW_DIR = "tfhub_modules"
+
+
+def spellings(handle: str) -> set[str]:
+    """The handle strings people write for the same model."""
+    try:
+        source = parse_handle(handle, AnyHost())
+    except HubdError:
+        return {handle}
+    names = {handle, f"https://{source.canonical}"}
+    if source.kind == "kaggle":
+        owner, model, framework, variation, version = source.canonical.split("/")[2:]
+        for flavour in {framework, "tensorFlow2", "TensorFlow2", "tensorflow2"}:
+            short = f"{owner}/{model}/{flavour}/{variation}/{version}"
+            long = f"{owner}/{model}/frameworks/{flavour}/variations/{variation}/versions/{version}"
+            names |= {f"https://www.kaggle.com/models/{short}", f"https://www.kaggle.com/models/{long}"}
+    return names | {f"{name}/" for name in names}
+
+
+def link_name(handle: str) -> str:
+    return hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+class TfhubView:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root / VIEW_DIR
+
+    def link(self, ref: Ref) -> None:
+        self.root.mkdir(mode=0o755, exist_ok=True)
+        target = os.path.join("..", "objects", ref.digest)
+        for handle in spellings(ref.handle) | spellings(f"https://{ref.canonical}"):
+            name = link_name(handle)
+            _replace_symlink(self.root / name, target)
+            descriptor = self.root / f"{name}.descriptor.txt"
+            if not descriptor.exists():
+                descriptor.write_text(f"Module: {handle}\nServed by: hubd ({ref.canonical})\n")
+
+    def unlink_digest(self, digest: str) -> None:
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.is_symlink() and os.readlink(entry).endswith(digest):
+                _remove_link(entry)
+
+    def rebuild(self) -> None:
+        """Link every healthy ref; drop links to objects that are gone or quarantined."""
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if entry.is_symlink() and not entry.exists():
+                    _remove_link(entry)
+        for ref in self.store.iter_refs():
+            if (self.store.objects / ref.digest).is_dir():
+                self.link(ref)
+
+
+def _replace_symlink(path: Path, target: str) -> None:
+    if path.is_symlink() and os.readlink(path) == target:
+        return
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def _remove_link(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(f"{path.name}.descriptor.txt").unlink()
