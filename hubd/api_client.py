@@ -11,37 +11,14 @@ import aiohttp
 
 from hubd.config import Settings
 from hubd.entry import Entry
-from hubd.errors import (
-    BadHandle,
-    BadRequest,
-    ChecksumMismatch,
-    DiskFull,
-    HubdError,
-    NotAnArchive,
-    NotCached,
-    NotFoundUpstream,
-    UnknownModel,
-    UnsafeArchive,
-    UpstreamError,
-    VerificationFailed,
-)
+from hubd.errors import HubdError
 
-_BY_CODE: dict[str, type[HubdError]] = {
-    cls.code: cls
-    for cls in (
-        BadHandle,
-        BadRequest,
-        ChecksumMismatch,
-        DiskFull,
-        NotAnArchive,
-        NotCached,
-        NotFoundUpstream,
-        UnknownModel,
-        UnsafeArchive,
-        UpstreamError,
-        VerificationFailed,
-    )
-}
+
+def _error_classes(base: type[HubdError] = HubdError) -> list[type[HubdError]]:
+    return [cls for sub in base.__subclasses__() for cls in (sub, *_error_classes(sub))]
+
+
+_BY_CODE: dict[str, type[HubdError]] = {cls.code: cls for cls in _error_classes()}
 
 
 def error_from(body: dict[str, Any]) -> HubdError:

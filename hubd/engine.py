@@ -31,7 +31,7 @@ from hubd.errors import (
     VerificationFailed,
 )
 from hubd.eviction import GcReport, collect, gc_lock
-from hubd.fetch import ProgressCallback, download, make_session
+from hubd.fetch import Download, ProgressCallback, make_session
 from hubd.handles import AnyHost, Source, host_allowed, kaggle_canonical_from_url, parse_handle
 from hubd.index import Index
 from hubd.sink import StreamingExtraction
@@ -84,8 +84,13 @@ class Engine:
         self.store.clean_stale_staging()
         self._index = Index(self.store)
         self._index.rebuild_if_needed()
+
+    async def rebuild_view(self) -> None:
+        """Re-link the whole tensorflow_hub view (publishes link incrementally; this catches up after a crash).
+
+        The daemon runs it in the background after start-up: with 10,000 entries it takes seconds."""
         if self.view is not None:
-            self.view.rebuild()
+            await asyncio.to_thread(self.view.rebuild)
 
     async def close(self) -> None:
         for flight in list(self._flights.values()):
@@ -199,7 +204,7 @@ class Engine:
                 staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
             )
             try:
-                result = await download(self._http(), url, sink, self.settings, self.http_hosts, flight.emit)
+                result = await Download(self._http(), url, sink, self.settings, self.http_hosts, flight.emit).run()
                 manifest = await sink.finish()
             except BaseException:
                 await sink.abort()
@@ -300,21 +305,22 @@ class Engine:
         return self._entry(meta)
 
     def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
-        path = self.store.object_path(meta.digest)
-        broken = bool(problems) or not path.is_dir()
+        relpath = f"objects/{meta.digest}"  # plain strings: this runs on every cache hit
+        path = f"{self.store.root}/{relpath}"
+        present = os.path.isdir(path)
         return Entry(
             id=meta.digest,
-            path=str(path),
-            relpath=str(path.relative_to(self.store.root)),
+            path=path,
+            relpath=relpath,
             handles=list(meta.names),
             size_bytes=meta.size_bytes,
             archive_sha256=meta.archive_sha256,
             tree_digest=meta.digest,
             fetched_at=meta.fetched_at,
             last_used=last_used if last_used is not None else self.index.last_used(meta.digest),
-            state="broken" if broken else "ok",
-            pinned=bool(self.store.pin_names(meta.digest)),
-            problems=problems or ([] if path.is_dir() else ["quarantined: failed verification"]),
+            state="broken" if problems or not present else "ok",
+            pinned=self.store.is_pinned(meta.digest),
+            problems=problems or ([] if present else ["quarantined: failed verification"]),
         )
 
     def list_entries(self) -> list[Entry]:

@@ -194,15 +194,3 @@ class Download:
         if self._total is not None and self._received < self._total:
             raise _Retryable(f"connection closed after {self._received} of {self._total} bytes")
         self.on_progress("download", self._received, self._total)
-
-
-async def download(
-    session: aiohttp.ClientSession,
-    url: str,
-    sink: ChunkSink,
-    settings: Settings,
-    http_hosts: frozenset[str],
-    on_progress: ProgressCallback | None = None,
-) -> FetchResult:
-    """Stream `url` into `sink`; raise a `HubdError` saying what went wrong and what to do."""
-    return await Download(session, url, sink, settings, http_hosts, on_progress).run()

@@ -21,6 +21,7 @@ _ENTRY = "entry:"
 _NAME = "name:"
 _USED = "used:"
 _BUILT = "built"
+_FLUSH_SECONDS = 5.0
 
 
 class Index:
@@ -28,6 +29,8 @@ class Index:
         self.store = store
         self.path = store.root / "index"
         self._cache = self._open()
+        self._used: dict[str, float] = {}
+        self._flushed = time.monotonic()
 
     def _open(self) -> diskcache.Cache:
         try:
@@ -75,13 +78,26 @@ class Index:
         return str(value) if value is not None else None
 
     def touch(self, digest: str) -> None:
-        self._cache.set(_USED + digest, time.time())
+        """Record a use. Kept in memory and written by `flush`: a SQLite write per cache hit would cap the
+        daemon's resolve rate, and last-use times only need to be roughly right for eviction."""
+        self._used[digest] = time.time()
+        if time.monotonic() - self._flushed > _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._used = self._used, {}
+        self._flushed = time.monotonic()
+        for digest, when in pending.items():
+            self._cache.set(_USED + digest, when)
 
     def last_used(self, digest: str) -> float | None:
+        if digest in self._used:
+            return self._used[digest]
         value = self._cache.get(_USED + digest)
         return float(value) if value is not None else None
 
     def forget(self, digest: str) -> None:
+        self._used.pop(digest, None)
         self._cache.delete(_ENTRY + digest)
         self._cache.delete(_USED + digest)
         for canonical, bound in list(self.names()):
@@ -103,4 +119,5 @@ class Index:
                     yield key[len(_NAME) :], str(value)
 
     def close(self) -> None:
+        self.flush()
         self._cache.close()

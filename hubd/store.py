@@ -269,6 +269,9 @@ class Store:
     def unpin(self, digest: str) -> None:
         (self.pins / f"{digest}.json").unlink(missing_ok=True)
 
+    def is_pinned(self, digest: str) -> bool:
+        return os.path.exists(f"{self.pins}/{digest}.json")
+
     def pin_names(self, digest: str) -> list[str]:
         try:
             return list(json.loads((self.pins / f"{digest}.json").read_text())["names"])

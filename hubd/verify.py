@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from pathlib import Path
 
 from hubd.extract import TreeManifest
@@ -52,21 +53,22 @@ def structural_problems(tree: Path) -> list[str]:
 def quick_problems(tree: Path, manifest: TreeManifest) -> list[str]:
     """Every recorded file exists with its recorded size; every recorded link still points where it did."""
     problems: list[str] = []
-    if not tree.is_dir():
+    root = str(tree)
+    if not os.path.isdir(root):
         return [f"{tree} is missing"]
-    for name, record in manifest.files.items():
+    for name, record in manifest.files.items():  # on every cache hit: one lstat per file, no pathlib
         try:
-            st = os.lstat(tree / name)
-        except FileNotFoundError:
+            st = os.lstat(f"{root}/{name}")
+        except (FileNotFoundError, NotADirectoryError):
             problems.append(f"{name}: deleted")
             continue
-        if not os.path.isfile(tree / name) or os.path.islink(tree / name):
+        if not stat.S_ISREG(st.st_mode):
             problems.append(f"{name}: no longer a regular file")
         elif st.st_size != record.size:
             problems.append(f"{name}: size {st.st_size}, expected {record.size}")
     for name, target in manifest.symlinks.items():
         try:
-            if os.readlink(tree / name) != target:
+            if os.readlink(f"{root}/{name}") != target:
                 problems.append(f"{name}: link changed")
         except OSError:
             problems.append(f"{name}: link deleted")

@@ -24,7 +24,7 @@ def legacy_keras_requested() -> bool:
 def keras_layer_class() -> type:
     flavour = "tf_keras" if legacy_keras_requested() else "keras"
     if flavour not in _CLASSES:
-        _CLASSES[flavour] = _build_legacy() if flavour == "tf_keras" else _build_keras3()
+        _CLASSES[flavour] = _build(legacy=flavour == "tf_keras")
     return _CLASSES[flavour]
 
 
@@ -75,13 +75,13 @@ class _Model:
             )
         return self.obj.__call__
 
-    def variables(self) -> tuple[list[Any], list[Any]]:
-        """(trainable, non-trainable) tf.Variables, as a Reusable SavedModel declares them."""
+    def variables(self) -> list[tuple[Any, bool]]:
+        """(tf.Variable, trainable) pairs, as a Reusable SavedModel declares them: trainable ones first."""
         source = self.obj if hasattr(self.obj, "variables") else self.callable
         trainable = list(getattr(source, "trainable_variables", []))
         seen = {id(v) for v in trainable}
         others = [v for v in getattr(source, "variables", []) if id(v) not in seen]
-        return trainable, others
+        return [(v, True) for v in trainable] + [(v, False) for v in others]
 
     def regularization_losses(self) -> list[Any]:
         losses = list(getattr(self.obj, "regularization_losses", []))
@@ -167,12 +167,20 @@ def _with_static_shape(result: Any, output_shape: Any) -> Any:
     return apply(result, output_shape)
 
 
-def _build_keras3() -> type:
-    import keras
+def _build(legacy: bool) -> type:
+    """The layer class for Keras 3 (`legacy=False`) or tf_keras: the same code, two ways to adopt weights."""
+    if legacy:
+        import tf_keras as keras_module
 
-    @keras.saving.register_keras_serializable(package="hubd_client", name="KerasLayer")
-    class KerasLayer(keras.layers.Layer):  # type: ignore[misc]
-        """hub.KerasLayer for Keras 3."""
+        register = keras_module.utils.register_keras_serializable
+    else:
+        import keras as keras_module
+
+        register = keras_module.saving.register_keras_serializable
+
+    @register(package="hubd_client", name="KerasLayer")
+    class KerasLayer(keras_module.layers.Layer):  # type: ignore[misc]
+        """hub.KerasLayer, with tensorflow_hub's arguments and their meaning."""
 
         def __init__(
             self,
@@ -198,88 +206,48 @@ def _build_keras3() -> type:
                 load_options,
                 arguments,
             )
-            if _is_string_dtype(kwargs.get("dtype")):
+            if not legacy and _is_string_dtype(kwargs.get("dtype")):
                 # TF Hub's text recipe: KerasLayer(url, input_shape=[], dtype=tf.string). Keras 3's Sequential
                 # turns input_shape into a float32 Input and would cast the sentences; without it, Sequential
                 # builds its Input from the first layer's dtype (string) and the data's shape.
                 kwargs.pop("input_shape", None)
             super().__init__(trainable=trainable, **kwargs)
             self._hub = model
-            trainable_vars, other_vars = model.variables()
-            for variable, is_trainable in [(v, True) for v in trainable_vars] + [(v, False) for v in other_vars]:
-                wrapped = keras.Variable(  # shares the tf.Variable: no copy, fine-tuning updates the model itself
-                    initializer=variable,
-                    trainable=is_trainable,
-                    dtype=variable.dtype,
-                    name=variable.name.split(":")[0].replace("/", "_"),
-                )
-                self._track_variable(wrapped)
+            for variable, is_trainable in model.variables():
+                self._adopt(variable, is_trainable)
             self._regularization = model.regularization_losses()
-            self.built = True
-
-        def call(self, inputs: Any, training: Any = None) -> Any:
-            result = self._hub.call(inputs, training if self.trainable else False)
-            if self.trainable:
+            if legacy:  # tf_keras takes loss callables and evaluates them itself
                 for loss in self._regularization:
-                    self.add_loss(loss())
-            return result
+                    self.add_loss(lambda _loss=loss: _loss() if self.trainable else 0.0)
+            else:
+                self.built = True
 
-        def get_config(self) -> dict[str, Any]:
-            return {**super().get_config(), **self._hub.config()}
-
-    return KerasLayer
-
-
-def _build_legacy() -> type:
-    import tf_keras
-
-    @tf_keras.utils.register_keras_serializable(package="hubd_client", name="KerasLayer")
-    class KerasLayer(tf_keras.layers.Layer):  # type: ignore[misc]
-        """hub.KerasLayer for tf_keras (TF_USE_LEGACY_KERAS=1)."""
-
-        def __init__(
-            self,
-            handle: Any,
-            trainable: bool = False,
-            arguments: dict[str, Any] | None = None,
-            _sentinel: Any = None,
-            tags: Any = None,
-            signature: str | None = None,
-            signature_outputs_as_dict: bool | None = None,
-            output_key: str | None = None,
-            output_shape: Any = None,
-            load_options: Any = None,
-            **kwargs: Any,
-        ) -> None:
-            model = _Model(
-                handle,
-                tags,
-                signature,
-                signature_outputs_as_dict,
-                output_key,
-                output_shape,
-                load_options,
-                arguments,
-            )
-            super().__init__(trainable=trainable, **kwargs)
-            self._hub = model
-            trainable_vars, other_vars = model.variables()
-            for variable, is_trainable in [(v, True) for v in trainable_vars] + [(v, False) for v in other_vars]:
+        def _adopt(self, variable: Any, trainable: bool) -> None:
+            """Make the SavedModel's own tf.Variable a weight of this layer: no copy, so training updates it."""
+            if legacy:
                 self.add_weight(
                     name=variable.name,
                     shape=variable.shape,
                     dtype=variable.dtype,
-                    trainable=is_trainable,
+                    trainable=trainable,
                     experimental_autocast=False,
                     getter=lambda *_, _v=variable, **__: _v,  # registers the existing variable, creates none
                 )
-            for loss in model.regularization_losses():
-                self.add_loss(lambda _loss=loss: _loss() if self.trainable else 0.0)
+            else:
+                name = variable.name.split(":")[0].replace("/", "_")
+                wrapped = keras_module.Variable(
+                    initializer=variable, trainable=trainable, dtype=variable.dtype, name=name
+                )
+                self._track_variable(wrapped)
 
         def call(self, inputs: Any, training: Any = None) -> Any:
-            if self.trainable and training is None:
-                training = tf_keras.backend.learning_phase()
-            return self._hub.call(inputs, training if self.trainable else False)
+            if legacy and self.trainable and training is None:
+                training = keras_module.backend.learning_phase()
+            result = self._hub.call(inputs, training if self.trainable else False)
+            if not legacy and self.trainable:  # Keras 3 collects losses added during the call
+                for loss in self._regularization:
+                    self.add_loss(loss())
+            return result
 
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), **self._hub.config()}

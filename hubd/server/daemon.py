@@ -115,12 +115,14 @@ class Daemon:
                 await web.SockSite(mirror_runner, sock).start()
                 addresses.append(f"mirror:http://{host if ':' not in host else f'[{host}]'}:{port}")
             watchers.start(asyncio.get_running_loop())
+            view_task = asyncio.create_task(self.engine.rebuild_view())
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             log.info("hubd ready: %s (cache %s)", " ".join(addresses), self.settings.cache_dir)
             notify("READY=1\nSTATUS=serving " + " ".join(addresses))
             await self._stop.wait()
+            view_task.cancel()
             log.info("hubd stopping: draining requests")
             notify("STOPPING=1")
         finally:
