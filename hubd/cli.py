@@ -110,12 +110,18 @@ async def _run(
     via_daemon: Callable[[DaemonClient], Awaitable[int]],
     in_process: Callable[[Engine], Awaitable[int]],
     force_local: bool = False,
+    daemon_required: bool = False,
 ) -> int:
     settings = settings_from(args)
     if not force_local:
         async with DaemonClient(settings) as client:
             if await client.is_running():
                 return await via_daemon(client)
+        if daemon_required:
+            raise BadRequest(
+                f"no hubd daemon answers at {settings.url or settings.socket}",
+                "start it (`hubd serve`, or `systemctl start hubd`), or pass --no-daemon to fetch in this process",
+            )
     _check_owner(settings)
     engine = Engine(settings)
     await engine.start()
@@ -205,7 +211,9 @@ def _prefetch(args: argparse.Namespace) -> int:
         return await consume(resolve_many(engine, manifest.model))
 
     try:
-        failed = asyncio.run(_run(args, via_daemon, in_process, force_local=args.no_daemon))
+        failed = asyncio.run(
+            _run(args, via_daemon, in_process, force_local=args.no_daemon, daemon_required=not args.no_daemon)
+        )
     finally:
         board.close()
     width = max((len(h) for h in results), default=0)

@@ -45,6 +45,19 @@ def test_resolve_asks_the_daemon(daemon: Daemon, upstream: Upstream) -> None:
     assert upstream.requests(path) == 1
 
 
+def test_resolve_over_loopback_tcp_with_hubd_url(
+    settings: Settings, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = start_daemon(settings, tmp_path, "--listen", "127.0.0.1:0")
+    try:
+        monkeypatch.setenv("HUBD_SOCKET", str(tmp_path / "nothing-here.sock"))
+        monkeypatch.setenv("HUBD_URL", d.tcp[0])
+        resolved = hubd_client.resolve(f"https://tfhub.dev/{upstream.publish('reusable')}")
+        assert Path(resolved, "saved_model.pb").is_file()
+    finally:
+        d.stop()
+
+
 def test_local_paths_are_returned_as_they_are(tmp_path: Path) -> None:
     assert hubd_client.resolve(str(tmp_path)) == str(tmp_path.resolve())
 

@@ -61,6 +61,20 @@ def test_text_embedding_in_a_sequential_classifier(tf: Any, hub: Any, upstream: 
     assert layer.trainable_weights == []  # trainable=False by default, as in tensorflow_hub
 
 
+def test_tensorflow_hub_keras_layer_fails_in_keras_3_where_ours_works(
+    tf: Any, hub: Any, upstream: Upstream
+) -> None:
+    """The incumbent's KerasLayer subclasses tf_keras's Layer, which Keras 3 models refuse."""
+    import keras
+    import tensorflow_hub
+
+    path = hub.resolve(tfhub(upstream, "reusable"))
+    with pytest.raises(ValueError, match=r"Only instances of `keras\.Layer` can be added"):
+        keras.Sequential([keras.Input(shape=(4,)), tensorflow_hub.KerasLayer(path)])
+    model = keras.Sequential([keras.Input(shape=(4,)), hub.KerasLayer(path)])
+    assert model(np.ones((1, 4), "float32")).shape == (1, 3)
+
+
 def test_text_embedding_in_the_functional_api(tf: Any, hub: Any, upstream: Upstream) -> None:
     import keras
 

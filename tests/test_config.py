@@ -69,3 +69,24 @@ def test_without_a_daemon_the_cli_refuses_a_cache_it_does_not_own(tmp_path: Path
     result = subprocess.run([sys.executable, "-m", "hubd", "ls"], env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "belongs to another user and no hubd daemon answers" in result.stderr
+
+
+def test_the_installed_package_is_complete(tmp_path: Path) -> None:
+    """Import every module from the installed distribution, not from this checkout."""
+    modules = [
+        f"{package}.{path.stem}" if path.stem != "__init__" else package
+        for package, folder in (
+            ("hubd", "hubd"),
+            ("hubd.server", "hubd/server"),
+            ("hubd_client", "client/hubd_client"),
+        )
+        for path in sorted((Path(__file__).parent.parent / folder).glob("*.py"))
+        if path.stem != "__main__"
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    code = "import importlib, sys, hubd; [importlib.import_module(m) for m in sys.argv[1:]]; print(hubd.__file__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *modules], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "site-packages" in result.stdout or ".egg-link" in result.stdout or "__editable__" in result.stdout

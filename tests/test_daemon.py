@@ -187,6 +187,39 @@ def test_delete_is_for_admins_only(settings: Settings, upstream: Upstream, tmp_p
         d.stop()
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/python3").exists(), reason="needs root to act as nobody"
+)
+def test_admin_group_members_may_delete(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
+    import grp
+    import pwd
+
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    public = Path(tempfile.mkdtemp(prefix="hubd-public-"))
+    public.chmod(0o755)
+    try:
+        d = start_daemon(settings, tmp_path, "--socket", str(public / "hubd.sock"), "--admin-group", group)
+        d.socket_path = public / "hubd.sock"
+        try:
+            model_id = d.request("POST", "/v1/resolve", {"handle": tfhub(upstream.publish("reusable"))}).json()[
+                "id"
+            ]
+            args = [
+                "/usr/bin/python3",
+                "-c",
+                NOBODY_DELETE,
+                str(d.socket_path),
+                "DELETE",
+                f"/v1/models/{model_id}",
+            ]
+            result = subprocess.run(args, user="nobody", capture_output=True, text=True, check=True)
+            assert result.stdout.strip() == "200"
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 NOBODY_DELETE = """
 import socket, sys
@@ -412,6 +445,19 @@ def test_prefetch_manifest_errors_point_at_the_entry(settings: Settings, tmp_pat
     assert result.returncode == 1
     assert "model[1].handle: Field required" in result.stderr
     assert "model[1].sha256" in result.stderr
+
+
+def test_prefetch_says_when_no_daemon_runs(settings: Settings, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('[[model]]\nhandle = "https://tfhub.dev/a/b/1"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "hubd", "prefetch", str(manifest)],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "no hubd daemon answers" in result.stderr and "--no-daemon" in result.stderr
 
 
 def test_prefetch_without_daemon_runs_in_process(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:

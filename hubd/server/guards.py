@@ -92,10 +92,11 @@ class AdminPolicy:
         if gid == self.admin_gid:
             return True
         try:
-            name = pwd.getpwuid(uid).pw_name
+            account = pwd.getpwuid(uid)
         except KeyError:
             return False
-        return self.admin_gid in os.getgrouplist(name, gid)
+        # Membership as the account database has it now, so `usermod -aG hubd-admin` needs no new login.
+        return self.admin_gid in os.getgrouplist(account.pw_name, account.pw_gid)
 
     def check(self, request: web.Request) -> None:
         creds = peer_uid_gid(request)
