@@ -97,6 +97,8 @@ def test_bad_input_gets_4xx_json_errors(daemon: Daemon) -> None:
         ("POST", "/v1/resolve", b'{"handle": "https://tfhub.dev/a/b/1", "sha256": "zz"}', 400, "bad_request"),
         ("POST", "/v1/resolve", b"[1, 2]", 400, "bad_request"),
         ("POST", "/v1/resolve", b'{"handle": "' + b"a" * (5 * 2**20) + b'"}', 413, "request_entity_too_large"),
+        ("POST", "/v1/resolve", b'{"handle": "/etc"}', 400, "bad_handle"),
+        ("POST", "/v1/pull", b'{"handle": "/root"}', 400, "bad_handle"),
         ("GET", "/v1/models/nothex", None, 400, "bad_request"),
         ("GET", "/v1/models/" + "a" * 64, None, 404, "unknown_model"),
         ("GET", "/v1/nowhere", None, 404, "not_found"),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from hubd import __version__
 from hubd.engine import Engine
-from hubd.errors import BadRequest
+from hubd.errors import BadHandle, BadRequest
 from hubd.manifest import ManifestEntry, parse_manifest
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
@@ -73,15 +73,27 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+def _remote_only(engine: Engine, handle: str) -> None:
+    """Refuse local paths: the client returns them itself, and the daemon must not probe the filesystem for
+    other users (whether a directory exists where they cannot look)."""
+    if engine.parse(handle).kind == "local":
+        raise BadHandle(
+            "the daemon resolves remote handles only; a local directory is used as it is",
+            "pass the path to tf.saved_model.load (hubd_client.resolve returns local paths unchanged)",
+        )
+
+
 async def resolve(request: web.Request) -> web.Response:
     body = await parse_body(request, ResolveRequest)
-    entry = await _engine(request).resolve(body.handle, sha256=body.sha256)
+    engine = _engine(request)
+    _remote_only(engine, body.handle)
+    entry = await engine.resolve(body.handle, sha256=body.sha256)
     return json_response(entry)
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, PullRequest)
-    _engine(request).parse(body.handle)  # a bad handle is a plain 400, before the stream starts
+    _remote_only(_engine(request), body.handle)  # a bad handle is a plain 400, before the stream starts
     wanted = [ManifestEntry(handle=body.handle, sha256=body.sha256, name=None)]
     return await _stream_resolves(request, wanted, summary=False)
 
@@ -92,6 +104,8 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
         wanted = manifest.model
     else:
         wanted = (await parse_body(request, PrefetchRequest)).model
+    for item in wanted:
+        _remote_only(_engine(request), item.handle)
     if any(item.pin for item in wanted):
         request.app[ADMIN].check(request)  # pins change what eviction may remove: admins only
     return await _stream_resolves(request, wanted, summary=True)
