@@ -43,6 +43,8 @@ class FetchResult:
     """Every URL the download went through, the first one included."""
     resumes: int = 0
     restarts: int = 0
+    hubd_claim: tuple[str, str] | None = None
+    """(archive sha256, tree digest) a hubd LAN mirror states for the tree it re-packed."""
 
 
 class _Retryable(Exception):
@@ -169,6 +171,8 @@ class Download:
         ranges = response.headers.get("Accept-Ranges", "").lower() == "bytes"
         self._validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         self._resume_url = self._result.final_url if ranges else None
+        archive, tree = response.headers.get("X-Hubd-Archive-Sha256"), response.headers.get("X-Hubd-Tree-Digest")
+        self._result.hubd_claim = (archive, tree) if archive and tree else None
 
     def _range_matches(self, response: aiohttp.ClientResponse) -> bool:
         content_range = response.headers.get("Content-Range", "")

@@ -317,6 +317,18 @@ def test_chained_daemons_fetch_upstream_once(chained: tuple[Settings, object, ob
     assert upstream.bytes_sent(path) == len(upstream.models["large_4mb"])  # one archive, for 8 clients
     direct = first.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()  # type: ignore[attr-defined]
     assert direct["tree_digest"] == entries[0]["tree_digest"]  # the same files, re-packed on the way
+    original = upstream.server.sha256(path)
+    pinned = second.request("POST", "/v1/resolve", {"handle": tfhub(path), "sha256": original})  # type: ignore[attr-defined]
+    assert pinned.status == 200 and pinned.json()["archive_sha256"] == original  # a manifest's sha256 still holds
+    fresh = upstream.publish("text_embedding")
+    checked = second.request(  # type: ignore[attr-defined]
+        "POST", "/v1/resolve", {"handle": tfhub(fresh), "sha256": upstream.server.sha256(fresh)}
+    )
+    assert checked.status == 200, checked.body
+    wrong = second.request(
+        "POST", "/v1/resolve", {"handle": tfhub(upstream.publish("signature_only")), "sha256": "0" * 64}
+    )  # type: ignore[attr-defined]
+    assert wrong.status == 409
     kaggle = upstream.publish("reusable", path="models/acme/net/tensorflow2/small/2")
     assert kaggle
     got = second.request(  # type: ignore[attr-defined]

@@ -73,7 +73,11 @@ async def serve_archive(request: web.Request) -> web.StreamResponse:
     except HubdError as exc:
         return web.Response(status=exc.http_status, text=f"hubd mirror: {exc}\n")
     response = web.StreamResponse(
-        headers={"Content-Type": "application/gzip", "X-Hubd-Tree-Digest": entry.tree_digest}
+        headers={
+            "Content-Type": "application/gzip",
+            "X-Hubd-Tree-Digest": entry.tree_digest,
+            "X-Hubd-Archive-Sha256": entry.archive_sha256,
+        }
     )
     await response.prepare(request)
     loop = asyncio.get_running_loop()
