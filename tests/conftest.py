@@ -87,6 +87,27 @@ def settings(tmp_path: Path, hosting: HostingServer) -> Settings:
     )
 
 
+def run_on_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    """Run `cmd` with stderr on a pseudo-terminal: (exit code, what the terminal showed, stdout)."""
+    import pty
+
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(master)
+    return proc.returncode, drawn, stdout
+
+
 def cli_env(settings: Settings) -> dict[str, str]:
     """Environment for a `hubd` subprocess using the same cache and upstream as `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBD_")}

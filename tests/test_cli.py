@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from hubd.config import Settings
-from tests.conftest import Upstream, cli_env
+from tests.conftest import Upstream, cli_env, run_on_terminal
 from tests.hosting import Behaviour
 
 
@@ -114,29 +114,10 @@ def test_killed_mid_extraction_leaves_nothing_visible(settings: Settings, upstre
 
 
 def test_progress_bar_is_drawn_on_a_terminal(settings: Settings, upstream: Upstream) -> None:
-    import pty
-
     path = upstream.publish("large_4mb", Behaviour(throttle_chunk=256 * 1024, throttle_delay=0.01))
-    master, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hubd", "pull", f"https://tfhub.dev/{path}"],
-        env=cli_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-        text=True,
+    code, drawn, stdout = run_on_terminal(
+        [sys.executable, "-m", "hubd", "pull", f"https://tfhub.dev/{path}"], cli_env(settings)
     )
-    os.close(terminal)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # the terminal closes when the process exits
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    stdout, _ = proc.communicate(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0
+    assert code == 0
     assert b"\r\x1b[K" in drawn and b"[####" in drawn and b"MiB/s" in drawn  # redrawn in place, with a rate
-    assert Path(stdout.strip(), "saved_model.pb").is_file()  # and stdout still holds only the path
+    assert Path(stdout.decode().strip(), "saved_model.pb").is_file()  # and stdout still holds only the path

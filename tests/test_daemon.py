@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hubd.config import Settings
-from tests.conftest import Upstream, cli_env
+from tests.conftest import Upstream, cli_env, run_on_terminal
 from tests.daemon import Daemon, UnixHTTPConnection, call, start_daemon
 from tests.hosting import Behaviour
 
@@ -479,31 +479,13 @@ def test_prefetch_without_daemon_runs_in_process(settings: Settings, upstream: U
 def test_prefetch_draws_one_bar_per_model_on_a_terminal(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:
-    import pty
-
     slow = Behaviour(throttle_chunk=256 * 1024, throttle_delay=0.01)
     handles = [tfhub(upstream.publish("large_4mb", slow)), tfhub(upstream.publish("reusable"))]
     manifest = tmp_path / "m.toml"
     manifest.write_text("".join(f'[[model]]\nhandle = "{h}"\n' for h in handles))
-    master, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hubd", "prefetch", str(manifest), "--no-daemon"],
-        env=cli_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=terminal,
+    code, drawn, _ = run_on_terminal(
+        [sys.executable, "-m", "hubd", "prefetch", str(manifest), "--no-daemon"], cli_env(settings)
     )
-    os.close(terminal)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    proc.communicate(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0
+    assert code == 0
     assert b"\x1b[F" in drawn and b"[####" in drawn  # lines redrawn in place
     assert all(h.encode() in drawn for h in handles) and b"done" in drawn
