@@ -10,6 +10,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from hubd.eviction import GcReport, collect, gc_lock
 from hubd.fetch import Download, FetchResult, ProgressCallback, make_session
 from hubd.handles import AnyHost, Source, host_allowed, kaggle_canonical_from_url, parse_handle
 from hubd.index import Index
+from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView
@@ -204,7 +206,10 @@ class Engine:
                 staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
             )
             try:
-                result = await Download(self._http(), url, sink, self.settings, self.http_hosts, flight.emit).run()
+                download = Download(
+                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, self._check_space
+                )
+                result = await download.run()
                 manifest = await sink.finish()
             except BaseException:
                 await sink.abort()
@@ -269,6 +274,17 @@ class Engine:
                     self.view.link(ref)
             self.index.touch(meta.digest)
         self._meta_cache[meta.digest] = meta
+
+    def _check_space(self, archive_bytes: int) -> None:
+        """Refuse at once a download that cannot fit: a model unpacks to at least its archive's size."""
+        free = shutil.disk_usage(self.store.staging).free
+        if free < archive_bytes:
+            raise DiskFull(
+                f"the disk holding the cache is full: {human_bytes(free)} free, and the archive alone is "
+                f"{human_bytes(archive_bytes)}; nothing was written",
+                "free space (`hubd gc`, or `hubd rm` unused models), set a quota with --max-size, "
+                "or move HUBD_CACHE_DIR",
+            )
 
     def _archive_sha256(self, result: FetchResult, tree_digest: str) -> str:
         """The upstream archive's sha256. A hubd LAN mirror re-packs trees, so its bytes hash differently; it

@@ -74,8 +74,11 @@ class Download:
         settings: Settings,
         http_hosts: frozenset[str],
         on_progress: ProgressCallback | None = None,
+        on_size: Callable[[int], None] | None = None,
     ) -> None:
         self.session = session
+        self.on_size = on_size
+        """Told the archive's size as soon as the server states it; may raise to refuse the download."""
         self.url = url
         self.sink = sink
         self.settings = settings
@@ -168,6 +171,8 @@ class Download:
     def _remember(self, response: aiohttp.ClientResponse) -> None:
         length = response.headers.get("Content-Length")
         self._total = int(length) if length and length.isdigit() else None
+        if self._total is not None and self.on_size is not None:
+            self.on_size(self._total)
         ranges = response.headers.get("Accept-Ranges", "").lower() == "bytes"
         self._validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         self._resume_url = self._result.final_url if ranges else None

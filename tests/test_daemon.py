@@ -251,6 +251,8 @@ def test_other_users_may_resolve_but_not_delete(settings: Settings, upstream: Up
 
             assert as_nobody("GET", "/v1/models") == "200"
             assert as_nobody("DELETE", f"/v1/models/{model_id}") == "403"
+            assert as_nobody("POST", "/v1/gc") == "403"
+            assert as_nobody("POST", "/v1/verify") == "403"  # every model: admins only
             assert d.request("GET", f"/v1/models/{model_id}").status == 200
         finally:
             d.stop()

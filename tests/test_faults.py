@@ -200,11 +200,16 @@ asyncio.run(main())
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs a mount namespace")
-def test_disk_full_during_extraction(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "disk_size",
+    ["2m", "4m"],
+    ids=["refused before writing (archive larger than free space)", "full during extraction"],
+)
+def test_disk_full(settings: Settings, upstream: Upstream, tmp_path: Path, disk_size: str) -> None:
     small, large = upstream.publish("reusable"), upstream.publish("large_4mb")
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    shell = f'mount -t tmpfs -o size=2m tmpfs "{disk}" && exec "{sys.executable}" -c "$0" "$@"'
+    shell = f'mount -t tmpfs -o size={disk_size} tmpfs "{disk}" && exec "{sys.executable}" -c "$0" "$@"'
     result = subprocess.run(
         [
             "unshare",
@@ -228,6 +233,7 @@ def test_disk_full_during_extraction(settings: Settings, upstream: Upstream, tmp
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["outcome"].startswith("the disk holding the cache is full"), report
     assert "free space" in report["outcome"]
+    assert ("nothing was written" in report["outcome"]) == (disk_size == "2m"), report  # which path was taken
     assert report["small_problems"] == [] and report["same_path"] is True
     assert [name for name in report["staging"] if not name.endswith(".lock")] == []
 

@@ -181,6 +181,8 @@ async def cache_status(engine: Engine) -> Status:
 
 async def verify(request: web.Request) -> web.Response:
     body = await parse_body(request, VerifyRequest)
+    if body.handle is None:
+        request.app[ADMIN].check(request)  # re-hashing every model is heavy: anyone may check one, admins all
     reports = await _engine(request).verify(body.handle, heal=body.heal)
     results = [
         VerifyResult(id=r.entry.id, handles=r.entry.handles, problems=r.problems, healed=r.healed) for r in reports
