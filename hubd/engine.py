@@ -207,7 +207,7 @@ class Engine:
             )
             try:
                 download = Download(
-                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, self._check_space
+                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, self._make_room
                 )
                 result = await download.run()
                 manifest = await sink.finish()
@@ -275,8 +275,11 @@ class Engine:
             self.index.touch(meta.digest)
         self._meta_cache[meta.digest] = meta
 
-    def _check_space(self, archive_bytes: int) -> None:
-        """Refuse at once a download that cannot fit: a model unpacks to at least its archive's size."""
+    async def _make_room(self, archive_bytes: int) -> None:
+        """Before the first byte: evict to keep the quota with the new model (estimated by its archive, which it
+        unpacks to at least), then refuse at once a download that cannot fit on the disk."""
+        if self.settings.max_size is not None:
+            await asyncio.to_thread(collect, self, max(0, self.settings.max_size - archive_bytes))
         free = shutil.disk_usage(self.store.staging).free
         if free < archive_bytes:
             raise DiskFull(

@@ -1,5 +1,8 @@
 """Keeping the cache inside its quota: least recently used first, never a pin, never what is in use.
 
+It runs twice per fetch when a quota is set: before the first byte, making room for the archive's stated size
+(a model unpacks to at least that), and after publishing, with the model's real size.
+
 Rules, in order:
 - pinned entries (a manifest said `pin = true`) are never evicted;
 - an entry resolved or fetched within the grace period may be open in a running process: kept;

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
@@ -74,11 +74,12 @@ class Download:
         settings: Settings,
         http_hosts: frozenset[str],
         on_progress: ProgressCallback | None = None,
-        on_size: Callable[[int], None] | None = None,
+        on_size: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.session = session
         self.on_size = on_size
-        """Told the archive's size as soon as the server states it; may raise to refuse the download."""
+        """Awaited with the archive's size as soon as the server states it, before the body is read: the
+        engine makes room there, and may raise to refuse the download."""
         self.url = url
         self.sink = sink
         self.settings = settings
@@ -126,6 +127,8 @@ class Download:
                     if self._received:
                         await self._start_over()
                     self._remember(response)
+                    if self._total is not None and self.on_size is not None:
+                        await self.on_size(self._total)
                 else:
                     if resuming:  # the resume URL went stale or the server dislikes our Range: go again
                         await self._start_over()
@@ -171,8 +174,6 @@ class Download:
     def _remember(self, response: aiohttp.ClientResponse) -> None:
         length = response.headers.get("Content-Length")
         self._total = int(length) if length and length.isdigit() else None
-        if self._total is not None and self.on_size is not None:
-            self.on_size(self._total)
         ranges = response.headers.get("Accept-Ranges", "").lower() == "bytes"
         self._validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         self._resume_url = self._result.final_url if ranges else None

@@ -161,6 +161,27 @@ def test_quota_evicts_the_least_recently_used_first(quota_settings: Settings, up
     assert not Path(second.path).exists()
 
 
+def test_room_is_made_before_the_new_model_downloads(quota_settings: Settings, upstream: Upstream) -> None:
+    first = resolve(quota_settings, tfhub(upstream.publish("reusable")))
+    second = resolve(quota_settings, tfhub(upstream.publish("text_embedding")))
+    big = upstream.publish("large_4mb")
+    quota = first.size_bytes + second.size_bytes + len(upstream.models["large_4mb"]) - 1  # the archive won't fit
+    present_when_bytes_arrived: list[tuple[bool, bool]] = []
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase == "download" and done > 0 and not present_when_bytes_arrived:
+            present_when_bytes_arrived.append((Path(first.path).exists(), Path(second.path).exists()))
+
+    async def body(engine: Engine) -> None:
+        await engine.resolve(tfhub(big), on_progress=progress)
+
+    with_engine(quota_settings.model_copy(update={"max_size": quota}), body)
+    # The least recently used went before the first byte came in; the other stayed until the new model's real
+    # (unpacked, larger than its archive) size was known after publishing, and then went too.
+    assert present_when_bytes_arrived == [(False, True)]
+    assert not Path(second.path).exists()
+
+
 def test_pinned_entries_are_never_evicted(quota_settings: Settings, upstream: Upstream) -> None:
     a, b = (tfhub(upstream.publish(n)) for n in ("reusable", "text_embedding"))
     first, second = resolve(quota_settings, a), resolve(quota_settings, b)
