@@ -60,6 +60,12 @@ def test_tf_keras_sequential_text_classifier_and_reusable_model(
         assert sorted(w.name for w in r.trainable_weights) == ["b:0", "w:0"], r.trainable_weights
         assert len(r.losses) == 1 and abs(float(r.losses[0]) - 0.03) < 1e-6, r.losses
         assert np.allclose(y.numpy(), 4.0)
+        saved = tf.keras.Sequential([tf.keras.Input(shape=(4,)), r, tf.keras.layers.Dense(1)])
+        saved.compile(optimizer="sgd", loss="mse")
+        saved.fit(np.ones((4, 4), "float32"), np.ones((4, 1), "float32"), epochs=1, verbose=0)
+        saved.save("{tmp_path}/legacy.keras")
+        back = tf_keras.models.load_model("{tmp_path}/legacy.keras")
+        assert np.allclose(back.predict(np.ones((2, 4)), verbose=0), saved.predict(np.ones((2, 4)), verbose=0))
         print("OK", type(tf.keras.layers.Layer).__module__)
         """,
         daemon,
