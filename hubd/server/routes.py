@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterable
@@ -131,7 +132,8 @@ async def _stream_resolves(
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(ModelList(models=_engine(request).list_entries()))
+    # Reads every entry's meta file: off the event loop, so a large cache does not stall other requests.
+    return json_response(ModelList(models=await asyncio.to_thread(_engine(request).list_entries)))
 
 
 def _model_id(request: web.Request) -> str:
@@ -165,7 +167,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def cache_status(engine: Engine) -> Status:
-    entries = engine.list_entries()
+    entries = await asyncio.to_thread(engine.list_entries)
     url, reachable, detail = await engine.check_upstream()
     return Status(
         cache_dir=str(engine.settings.cache_dir),
@@ -191,7 +193,7 @@ async def verify(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render(_engine(request))
+    text = await asyncio.to_thread(request.app[METRICS].render, _engine(request))
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
