@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,8 @@ from hubd.handles import parse_handle
 from hubd.manifest import load_manifest
 from hubd.prefetch import resolve_many
 from hubd.progress import ProgressBar, ProgressBoard, human_bytes
+
+_ID_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,8 +288,13 @@ def _rm(args: argparse.Namespace) -> int:
         return 0
 
     async def via_daemon(client: DaemonClient) -> int:
-        hosts = frozenset(client.settings.http_hosts)
-        return report(await client.remove(_match(await client.entries(), args.handle, hosts)))
+        if _ID_PREFIX.fullmatch(args.handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
+            return report(await client.remove(args.handle))
+        canonical = parse_handle(args.handle, frozenset(client.settings.http_hosts)).canonical
+        for entry in await client.entries():
+            if canonical in entry.handles:
+                return report(await client.remove(entry.id))
+        raise UnknownModel(f"no cached model matches {args.handle!r}", "see `hubd ls` for what is cached")
 
     async def in_process(engine: Engine) -> int:
         return report(engine.remove(args.handle))
@@ -344,18 +352,6 @@ def _status(args: argparse.Namespace) -> int:
         return show((await cache_status(engine)).model_dump())
 
     return asyncio.run(_run(args, via_daemon, in_process))
-
-
-def _match(entries: list[Entry], handle_or_id: str, http_hosts: frozenset[str]) -> str:
-    """The full id an id prefix or a handle names, among the daemon's entries."""
-    by_id = [e.id for e in entries if len(handle_or_id) >= 8 and e.id.startswith(handle_or_id)]
-    if len(by_id) == 1:
-        return by_id[0]
-    canonical = parse_handle(handle_or_id, http_hosts).canonical
-    for entry in entries:
-        if canonical in entry.handles:
-            return entry.id
-    raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
 
 
 def main(argv: list[str] | None = None) -> int:
