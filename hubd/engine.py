@@ -356,9 +356,8 @@ class Engine:
     def list_entries(self) -> list[Entry]:
         return [self._entry(meta) for meta in self.store.iter_meta()]
 
-    def find(self, handle_or_id: str) -> tuple[ObjectMeta, list[Ref]]:
-        """The object a handle or id names, and the refs pointing at it."""
-        refs = list(self.store.iter_refs())
+    def find(self, handle_or_id: str) -> ObjectMeta:
+        """The object a handle or an id (or an unambiguous id prefix) names."""
         digest: str | None = None
         if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
             matches = {p.stem for p in self.store.meta_dir.glob(f"{handle_or_id}*.json")}
@@ -372,10 +371,10 @@ class Engine:
         meta = self.store.read_meta(digest) if digest else None
         if meta is None:
             raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
-        return meta, [r for r in refs if r.digest == meta.digest]
+        return meta
 
     def remove(self, handle_or_id: str) -> Entry:
-        meta, _refs = self.find(handle_or_id)
+        meta = self.find(handle_or_id)
         return self.remove_digest(meta.digest)
 
     def remove_digest(self, digest: str) -> Entry:
@@ -412,7 +411,7 @@ class Engine:
 
     async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
         """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
-        metas = list(self.store.iter_meta()) if handle_or_id is None else [self.find(handle_or_id)[0]]
+        metas = list(self.store.iter_meta()) if handle_or_id is None else [self.find(handle_or_id)]
         reports = []
         for meta in metas:
             tree = self.store.object_path(meta.digest)

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import diskcache
 
@@ -73,10 +72,6 @@ class Index:
     def unbind(self, canonical: str) -> None:
         self._cache.delete(_NAME + canonical)
 
-    def lookup(self, canonical: str) -> str | None:
-        value = self._cache.get(_NAME + canonical)
-        return str(value) if value is not None else None
-
     def touch(self, digest: str) -> None:
         """Record a use. Kept in memory and written by `flush`: a SQLite write per cache hit would cap the
         daemon's resolve rate, and last-use times only need to be roughly right for eviction."""
@@ -103,13 +98,6 @@ class Index:
         for canonical, bound in list(self.names()):
             if bound == digest:
                 self.unbind(canonical)
-
-    def summaries(self) -> Iterator[dict[str, Any]]:
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, str) and key.startswith(_ENTRY):
-                value = self._cache.get(key)
-                if value is not None:
-                    yield dict(value)
 
     def names(self) -> Iterator[tuple[str, str]]:
         for key in list(self._cache.iterkeys()):

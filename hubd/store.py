@@ -162,9 +162,6 @@ class Store:
         _check_digest(digest)
         return self.objects / digest
 
-    def has_object(self, digest: str) -> bool:
-        return self.object_path(digest).is_dir() and (self.meta_dir / f"{digest}.json").is_file()
-
     def publish(self, tree: Path, meta: ObjectMeta) -> Path:
         """Make `tree` the read-only object `meta.digest`, atomically. An existing equal object wins."""
         target = self.object_path(meta.digest)

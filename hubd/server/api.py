@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hubd.entry import Entry
-from hubd.events import DoneEvent, ErrorDetail, ErrorEvent, ProgressEvent, SummaryEvent
+from hubd.events import ErrorDetail
 from hubd.manifest import ManifestEntry
 
 HANDLE = Field(min_length=1, max_length=2048, description="A model handle (see docs/handles.md).")
@@ -92,6 +92,3 @@ class VerifyResult(_Strict):
 
 class VerifyResponse(_Strict):
     results: list[VerifyResult]
-
-
-__all__ = ["DoneEvent", "ErrorDetail", "ErrorEvent", "ProgressEvent", "SummaryEvent"]

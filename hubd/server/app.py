@@ -13,6 +13,7 @@ from hubd import __version__
 from hubd.engine import Engine
 from hubd.entry import Entry
 from hubd.errors import HubdError
+from hubd.events import ErrorDetail
 from hubd.server import api
 from hubd.server.guards import AdminPolicy, Handler, browser_guard
 from hubd.server.metrics import Metrics
@@ -25,7 +26,7 @@ MAX_BODY = 4 * 2**20
 def _error(
     status: int, code: str, message: str, hint: str = "", headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = api.ErrorBody(error=api.ErrorDetail(code=code, message=message, hint=hint))
+    body = api.ErrorBody(error=ErrorDetail(code=code, message=message, hint=hint))
     return web.Response(
         text=body.model_dump_json(), status=status, content_type="application/json", headers=headers
     )

@@ -145,7 +145,7 @@ def _model_id(request: web.Request) -> str:
 
 async def get_model(request: web.Request) -> web.Response:
     engine = _engine(request)
-    meta, _refs = engine.find(_model_id(request))
+    meta = engine.find(_model_id(request))
     return json_response(engine.entry_for(meta))
 
 
