@@ -16,6 +16,7 @@ import pytest
 
 from hubd.config import Settings
 from tests.hosting import Behaviour, HostingServer
+from tests.users import CAN_SWITCH_USERS, LocalUser, local_user
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -119,3 +120,19 @@ def cli_env(settings: Settings) -> dict[str, str]:
         HUBD_SOCKET=str(settings.cache_dir.parent / "no-daemon.sock"),
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def attacker() -> LocalUser:
+    """An unprivileged local account that attacks the shared cache (tests run as root; the attack never does)."""
+    if not CAN_SWITCH_USERS:
+        pytest.skip("creating and switching users needs root and useradd")
+    return local_user("hubd-mallory")
+
+
+@pytest.fixture(scope="session")
+def victim() -> LocalUser:
+    """An unprivileged local account whose models the attacker tries to tamper with."""
+    if not CAN_SWITCH_USERS:
+        pytest.skip("creating and switching users needs root and useradd")
+    return local_user("hubd-alice")
