@@ -93,7 +93,7 @@ class Settings(BaseSettings):
             raise ValueError("the mirror must be an http:// or https:// URL")
         return value.rstrip("/")
 
-    @field_validator("max_size", mode="before")
+    @field_validator("max_size", "max_extract_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         if isinstance(value, str):
