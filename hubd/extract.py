@@ -2,12 +2,15 @@
 
 The archive arrives in chunks and is unpacked as it arrives, so it is never held in memory or stored whole.
 Each member is checked before anything is written: no absolute paths, no ``..``, no links that leave the
-model directory, no devices or FIFOs, no set-id bits, and caps on member count and total bytes (which also
-stops gzip and tar bombs). Every file is hashed while it is written; the result is the tree's manifest.
+model directory (judged against the whole tree, not lexically), no devices, FIFOs or sparse files, no control
+characters or overlong names, no set-id bits, and caps on member count, total bytes and inflate ratio (which
+stop gzip and tar bombs before their bytes reach the disk). Every file is hashed while it is written; the
+result is the tree's manifest (hubd/tree.py).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -18,11 +21,13 @@ import threading
 import types
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from hubd.errors import ArchiveTooLarge, DiskFull, NotAnArchive, UnsafeArchive
+from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeManifest
+
+__all__ = ["INFLATE_BACKEND", "FileRecord", "GzipReader", "ReadAhead", "SafeExtractor", "TreeManifest"]
 
 _inflate_lib: types.ModuleType
 try:  # ISA-L inflates about 1.5x faster than zlib (bench/inflate.py); zlib is the fallback.
@@ -37,61 +42,40 @@ except ImportError:  # pragma: no cover - exercised only where isal is missing
 _GZIP_MAGIC = b"\x1f\x8b"
 _WRITE_CHUNK = 1 << 20
 _OUT_CHUNK = 1 << 20
-
-
-@dataclass
-class FileRecord:
-    size: int
-    sha256: str
-
-
-@dataclass
-class TreeManifest:
-    """What an extracted tree holds: files with sizes and digests, symlinks with their targets."""
-
-    files: dict[str, FileRecord] = field(default_factory=dict)
-    symlinks: dict[str, str] = field(default_factory=dict)
-    dirs: set[str] = field(default_factory=set)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(record.size for record in self.files.values())
-
-    def digest(self) -> str:
-        """A digest of the tree's content alone: equal trees get equal digests, whatever archive carried them."""
-        lines = [f"f {path} {rec.size} {rec.sha256}" for path, rec in sorted(self.files.items())]
-        lines += [f"l {path} {target}" for path, target in sorted(self.symlinks.items())]
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "files": {p: {"size": r.size, "sha256": r.sha256} for p, r in sorted(self.files.items())},
-            "symlinks": dict(sorted(self.symlinks.items())),
-            "dirs": sorted(self.dirs),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TreeManifest:
-        return cls(
-            files={p: FileRecord(int(r["size"]), str(r["sha256"])) for p, r in data.get("files", {}).items()},
-            symlinks=dict(data.get("symlinks", {})),
-            dirs=set(data.get("dirs", [])),
-        )
+# Deflate's best is 1032:1. Real SavedModels (float weights, protobufs) inflate well under 10:1; a tar of empty
+# files about 100:1 (one 512-byte header each). The allowance lets a small archive's padding through.
+MAX_INFLATE_RATIO = 200
+_RATIO_ALLOWANCE = 16 << 20
+# Linux allows 255 bytes per name and 4,096 per path; a model's paths are far shorter. Refusing longer names
+# up front turns ENAMETOOLONG deep in a write into a clear refusal.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
+_REFUSED = "the archive is hostile or malformed; it was not used"
 
 
 class GzipReader(io.RawIOBase):
     """A readable stream of the inflated bytes of a gzip stream pulled from `read_compressed`.
 
-    Output is produced in bounded pieces (never more than asked for), so a gzip bomb cannot balloon memory,
-    and the total is capped. Concatenated gzip members are read as one stream, as gzip(1) does.
+    Output is produced in bounded pieces (never more than asked for), so a gzip bomb cannot balloon memory.
+    Two budgets stop bombs before their bytes reach the disk: an absolute cap (`max_bytes`), and an inflate
+    ratio: at no point may the output pass `max_ratio` times the compressed bytes read so far (plus a small
+    allowance), which real models never approach and a bomb (deflate reaches 1032:1) passes at once.
+    Concatenated gzip members are read as one stream, as gzip(1) does.
     """
 
-    def __init__(self, read_compressed: Callable[[], bytes], max_bytes: int) -> None:
+    def __init__(
+        self,
+        read_compressed: Callable[[], bytes],
+        max_bytes: int,
+        max_ratio: int = MAX_INFLATE_RATIO,
+    ) -> None:
         self._read_compressed = read_compressed
         self._max_bytes = max_bytes
+        self._max_ratio = max_ratio
         self._inflater = _inflate_lib.decompressobj(wbits=31)
         self._pending = b""
         self._produced = 0
+        self._consumed = 0
         self._started = False
         self._eof = False
 
@@ -130,24 +114,43 @@ class GzipReader(io.RawIOBase):
                 self._pending = self._inflater.unconsumed_tail
             if out:
                 self._produced += len(out)
-                if self._produced > self._max_bytes:
-                    raise ArchiveTooLarge(
-                        f"the archive inflates past the limit of {self._max_bytes} bytes (a gzip bomb?)",
-                        "raise HUBD_MAX_EXTRACT_BYTES if this model really is that large",
-                    )
+                self._check_budget()
                 return out
         return b""
 
+    def _check_budget(self) -> None:
+        if self._produced > self._max_bytes:
+            raise ArchiveTooLarge(
+                f"the archive inflates past the limit of {self._max_bytes} bytes (a gzip bomb?)",
+                "raise HUBD_MAX_EXTRACT_BYTES if this model really is that large",
+            )
+        consumed = self._consumed - len(self._pending)
+        if self._produced > self._max_ratio * consumed + _RATIO_ALLOWANCE:
+            raise ArchiveTooLarge(
+                f"the archive inflates more than {self._max_ratio} times its compressed size "
+                f"({self._produced} bytes from {consumed}): a gzip bomb",
+                "a real model does not compress that well; the archive was not used",
+            )
+
     def _next_compressed(self) -> bytes:
         chunk = self._read_compressed()
-        if chunk and not self._started:
-            self._started = True
-            if chunk[:2] != _GZIP_MAGIC:
-                snippet = chunk[:60].decode("latin-1").replace("\n", " ")
-                raise NotAnArchive(
-                    f"the server did not send a gzip archive (it starts with {snippet!r})",
-                    "check that the handle points at a model; an HTML page usually means a login or error page",
-                )
+        if not self._started:
+            # Sniff the magic on the first two bytes, however the stream happens to be cut into chunks.
+            while chunk and len(chunk) < len(_GZIP_MAGIC):
+                more = self._read_compressed()
+                if not more:
+                    break
+                chunk += more
+            if chunk:
+                self._started = True
+                if chunk[:2] != _GZIP_MAGIC:
+                    snippet = chunk[:60].decode("latin-1").replace("\n", " ")
+                    raise NotAnArchive(
+                        f"the server did not send a gzip archive (it starts with {snippet!r})",
+                        "check that the handle points at a model; an HTML page usually means a login or error "
+                        "page",
+                    )
+        self._consumed += len(chunk)
         return chunk
 
 
@@ -214,7 +217,13 @@ class ReadAhead(io.RawIOBase):
 
 
 class SafeExtractor:
-    """Unpacks tar members into `dest`, refusing anything that could reach outside it."""
+    """Unpacks tar members into `dest`, refusing anything that could reach outside it.
+
+    Each member costs O(1) bookkeeping (running totals, set look-ups), so a tar of a million empty files costs
+    what tar(1) does. Every member passes hubd's own rules first and `tarfile.data_filter` second; links are
+    created last, once the whole tree is known, and only if each resolves inside it (`TreeManifest.link_problems`),
+    which is checked again against the real tree on disk.
+    """
 
     def __init__(self, dest: Path, max_bytes: int, max_members: int, fsync: bool) -> None:
         self.dest = dest
@@ -223,8 +232,9 @@ class SafeExtractor:
         self.fsync = fsync
         self.manifest = TreeManifest()
         self._members = 0
+        self._bytes = 0
         self._deferred_links: list[tuple[str, str]] = []
-        self._link_names: set[str] = set()
+        self._dest_str = str(dest)
 
     def extract_stream(self, stream: io.RawIOBase) -> TreeManifest:
         reader = ReadAhead(stream)
@@ -236,13 +246,15 @@ class SafeExtractor:
     def _extract(self, buffered: io.BufferedReader) -> TreeManifest:
         try:
             with tarfile.open(fileobj=buffered, mode="r|") as archive:
-                for member in archive:
+                while (member := archive.next()) is not None:
+                    # A stream is read once: keeping every header would cost memory in proportion to members.
+                    cast(Any, archive).members.clear()
                     self._extract_member(archive, member)
+            self._create_links()
         except tarfile.TarError as exc:
             raise NotAnArchive(f"the archive is not a valid tar file: {exc}", "fetch it again") from None
-        for name, target in self._deferred_links:
-            os.symlink(target, self.dest / name)
-            self.manifest.symlinks[name] = target
+        except OSError as exc:
+            raise _disk_error(exc) from exc
         return self.manifest
 
     def _extract_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
@@ -255,82 +267,125 @@ class SafeExtractor:
         name = self._safe_name(member.name)
         if name is None:  # the archive's root directory itself
             return
-        prefixes = {"/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 2)}
-        if prefixes & self._link_names:
-            raise UnsafeArchive(
-                f"member {member.name!r} reuses or goes through a symlink in the archive",
-                "the archive is hostile or malformed; it was not used",
-            )
+        self._second_opinion(member)
         if member.isdir():
-            self._ensure_dir(name)
-        elif member.isreg():
+            self._ensure_dir(name, member.name)
+            return
+        self._claim(name, member.name)
+        if member.issparse():
+            raise UnsafeArchive(
+                f"{member.name!r} is a sparse file ({member.size} bytes stored, more when written out); "
+                "hubd does not unpack sparse members",
+                "re-create the archive without --sparse; it was not used",
+            )
+        if member.isreg():
             self._write_file(archive, member, name)
         elif member.issym():
-            self._check_link_target(name, member.linkname, posixpath.dirname(name))
-            if os.path.lexists(self.dest / name):
-                raise UnsafeArchive(f"the archive holds {member.name!r} twice", "the archive was not used")
+            self._check_link_target(name, member.linkname)
+            self._ensure_dir(posixpath.dirname(name), member.name)
             self._deferred_links.append((name, member.linkname))
-            self._link_names.add(name)
+            self.manifest.symlinks[name] = member.linkname
         elif member.islnk():
             target = self._safe_name(member.linkname)
             if target is None or target not in self.manifest.files:
                 raise UnsafeArchive(
                     f"hard link {member.name!r} points at {member.linkname!r}, which is not a file in the model",
-                    "the archive is malformed or hostile; it was not used",
+                    _REFUSED,
                 )
-            self._ensure_dir(posixpath.dirname(name))
-            os.link(self.dest / target, self.dest / name)
+            self._ensure_dir(posixpath.dirname(name), member.name)
+            os.link(self.dest / target, self.dest / name, follow_symlinks=False)
             self.manifest.files[name] = self.manifest.files[target]
         else:
             kind = "device" if member.isdev() else "FIFO" if member.isfifo() else "special file"
-            raise UnsafeArchive(
-                f"the archive contains a {kind}: {member.name!r}", "the archive is hostile; it was not used"
-            )
+            raise UnsafeArchive(f"the archive contains a {kind}: {member.name!r}", _REFUSED)
+
+    def _claim(self, name: str, raw: str) -> None:
+        """A path is given to one member only: no overwriting, no writing through or over a link."""
+        files, links, dirs = self.manifest.files, self.manifest.symlinks, self.manifest.dirs
+        if name in files or name in links or name in dirs:
+            raise UnsafeArchive(f"the archive holds {raw!r} twice", _REFUSED)
+        self._check_prefixes(name, raw)
+
+    def _check_prefixes(self, name: str, raw: str) -> None:
+        links, files = self.manifest.symlinks, self.manifest.files
+        if not links and "/" not in name:
+            return
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in links:
+                raise UnsafeArchive(f"member {raw!r} reuses or goes through a symlink in the archive", _REFUSED)
+            if prefix in files:
+                raise UnsafeArchive(f"member {raw!r} goes through a non-directory", _REFUSED)
 
     def _safe_name(self, raw: str) -> str | None:
+        if CONTROL_CHARS.search(raw):
+            raise UnsafeArchive(f"control character in member name: {raw[:200]!r}", _REFUSED)
         if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
-            raise UnsafeArchive(
-                f"absolute path in archive: {raw!r}", "the archive is hostile or malformed; it was not used"
-            )
+            raise UnsafeArchive(f"absolute path in archive: {raw[:200]!r}", _REFUSED)
         parts = [p for p in raw.split("/") if p not in ("", ".")]
         if any(p == ".." for p in parts):
+            raise UnsafeArchive(f"path leaves the model directory: {raw[:200]!r}", _REFUSED)
+        if any("\\" in p for p in parts):
+            raise UnsafeArchive(f"invalid characters in member name: {raw[:200]!r}", _REFUSED)
+        name = "/".join(parts)
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(
+            len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for p in parts
+        ):
             raise UnsafeArchive(
-                f"path leaves the model directory: {raw!r}", "the archive is hostile or malformed; it was not used"
+                f"member name too long ({len(name)} characters; at most {MAX_NAME_BYTES} bytes per name and "
+                f"{MAX_PATH_BYTES} per path): {raw[:80]!r}...",
+                _REFUSED,
             )
-        if any("\x00" in p or "\\" in p for p in parts):
-            raise UnsafeArchive(f"invalid characters in member name: {raw!r}", "the archive was not used")
-        return "/".join(parts) if parts else None
+        return name or None
 
-    def _check_link_target(self, name: str, target: str, base: str) -> None:
-        resolved = posixpath.normpath(posixpath.join(base, target))
+    def _second_opinion(self, member: tarfile.TarInfo) -> None:
+        """Python's own `data` filter (PEP 706) after hubd's rules: anything it refuses is refused too."""
+        try:
+            tarfile.data_filter(member, self._dest_str)
+        except tarfile.FilterError as exc:
+            raise UnsafeArchive(f"{member.name[:200]!r}: {exc}", _REFUSED) from None
+
+    def _check_link_target(self, name: str, target: str) -> None:
+        if CONTROL_CHARS.search(target) or len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            raise UnsafeArchive(f"symlink {name!r} has an invalid target {target[:200]!r}", _REFUSED)
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
         if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-            raise UnsafeArchive(
-                f"symlink {name!r} points outside the model directory ({target!r})",
-                "the archive is hostile; it was not used",
-            )
+            raise UnsafeArchive(f"symlink {name!r} points outside the model directory ({target!r})", _REFUSED)
+        if name in PROTECTED_FILES or name == PROTECTED_DIR or name.startswith(PROTECTED_DIR + "/"):
+            raise UnsafeArchive(f"{name!r} must be a regular file, not a link ({target!r})", _REFUSED)
 
-    def _ensure_dir(self, name: str) -> None:
-        if not name:
+    def _ensure_dir(self, name: str, raw: str) -> None:
+        dirs = self.manifest.dirs
+        if not name or name in dirs:
             return
-        path = self.dest / name
-        for parent in [*reversed(Path(name).parents), Path(name)]:
-            if str(parent) == ".":
-                continue
-            candidate = self.dest / parent
-            if candidate.is_symlink() or (candidate.exists() and not candidate.is_dir()):
-                raise UnsafeArchive(f"member {name!r} goes through a non-directory", "the archive was not used")
-        path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.manifest.dirs.add(name)
+        if name in self.manifest.files or name in self.manifest.symlinks:
+            raise UnsafeArchive(f"the archive holds {raw!r} twice", _REFUSED)
+        self._check_prefixes(name, raw)
+        (self.dest / name).mkdir(mode=0o755, parents=True, exist_ok=True)
+        parts = name.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def _create_links(self) -> None:
+        """Create the links once the whole tree is known, if each resolves inside it; then check the real tree."""
+        problems = self.manifest.link_problems()
+        if problems:
+            raise UnsafeArchive(f"unsafe link: {problems[0]}", _REFUSED)
+        for name, target in self._deferred_links:
+            os.symlink(target, self.dest / name)
+        real_root = os.path.realpath(self.dest)
+        for name, _target in self._deferred_links:
+            real = os.path.realpath(self.dest / name)
+            if os.path.commonpath([real_root, real]) != real_root or not os.path.exists(real):
+                raise UnsafeArchive(f"symlink {name!r} resolves outside the model directory", _REFUSED)
 
     def _write_file(self, archive: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
-        if self.manifest.total_bytes + member.size > self.max_bytes:
+        if self._bytes + member.size > self.max_bytes:
             raise ArchiveTooLarge(
                 f"extracting {member.name!r} would pass the limit of {self.max_bytes} bytes",
                 "raise HUBD_MAX_EXTRACT_BYTES if this model really is that large",
             )
-        if name in self.manifest.files or name in self.manifest.dirs:
-            raise UnsafeArchive(f"the archive holds {member.name!r} twice", "the archive was not used")
-        self._ensure_dir(posixpath.dirname(name))
+        self._ensure_dir(posixpath.dirname(name), member.name)
         source = archive.extractfile(member)
         assert source is not None
         digest = hashlib.sha256()
@@ -344,10 +399,9 @@ class SafeExtractor:
                 written += len(chunk)
             if self.fsync:
                 os.fsync(fd)
-        except OSError as exc:
-            raise _disk_error(exc) from exc
         finally:
             os.close(fd)
+        self._bytes += written
         self.manifest.files[name] = FileRecord(written, digest.hexdigest())
 
 
@@ -358,11 +412,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _disk_error(exc: OSError) -> Exception:
-    import errno
-
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(
             "the disk holding the cache is full; the download was abandoned and nothing cached was touched",
             "free space (`hubd gc`, or remove unused models with `hubd rm`) or move HUBD_CACHE_DIR",
         )
+    if exc.errno in (errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP):
+        return UnsafeArchive(f"the archive cannot be unpacked safely: {exc.strerror}", _REFUSED)
     return exc

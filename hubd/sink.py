@@ -13,7 +13,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from hubd.extract import GzipReader, SafeExtractor, TreeManifest
+from hubd.extract import GzipReader, SafeExtractor
+from hubd.tree import TreeManifest
 
 _QUEUE_CHUNKS = 8
 _EOF = b""

@@ -11,9 +11,10 @@ import hashlib
 import os
 import re
 import stat
+from contextlib import suppress
 from pathlib import Path
 
-from hubd.extract import TreeManifest
+from hubd.tree import PROTECTED_DIR, PROTECTED_FILES, TreeManifest
 
 _SHARD = re.compile(r"^variables\.data-(\d{5})-of-(\d{5})$")
 _HASH_CHUNK = 1 << 20
@@ -21,7 +22,7 @@ _HASH_CHUNK = 1 << 20
 
 def structural_problems(tree: Path) -> list[str]:
     """What keeps `tree` from being a SavedModel: missing graph, or variables whose shards do not add up."""
-    problems: list[str] = []
+    problems = _link_problems(tree)
     graphs = [tree / name for name in ("saved_model.pb", "saved_model.pbtxt")]
     present = [g for g in graphs if g.is_file()]
     if not present:
@@ -66,12 +67,36 @@ def quick_problems(tree: Path, manifest: TreeManifest) -> list[str]:
             problems.append(f"{name}: no longer a regular file")
         elif st.st_size != record.size:
             problems.append(f"{name}: size {st.st_size}, expected {record.size}")
-    for name, target in manifest.symlinks.items():
-        try:
-            if os.readlink(f"{root}/{name}") != target:
-                problems.append(f"{name}: link changed")
-        except OSError:
-            problems.append(f"{name}: link deleted")
+    if manifest.symlinks:
+        real_root = os.path.realpath(root)
+        for name, target in manifest.symlinks.items():
+            try:
+                if os.readlink(f"{root}/{name}") != target:
+                    problems.append(f"{name}: link changed")
+                    continue
+            except OSError:
+                problems.append(f"{name}: link deleted")
+                continue
+            real = os.path.realpath(f"{root}/{name}")  # against the real tree, not the recorded target
+            if os.path.commonpath([real_root, real]) != real_root or not os.path.exists(real):
+                problems.append(f"{name}: link resolves outside the model")
+    return problems
+
+
+def _link_problems(tree: Path) -> list[str]:
+    """The files TensorFlow loads are regular files in real directories, never links (nor reached through one)."""
+    problems: list[str] = []
+    for name in sorted(PROTECTED_FILES):
+        with suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(tree / name).st_mode):
+                problems.append(f"{name} is not a regular file")
+    variables = tree / PROTECTED_DIR
+    with suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(variables).st_mode):
+            return [*problems, "variables is not a directory"]
+        for entry in os.scandir(variables):
+            if not entry.is_file(follow_symlinks=False):
+                problems.append(f"variables/{entry.name} is not a regular file")
     return problems
 
 
@@ -80,6 +105,7 @@ def full_problems(tree: Path, manifest: TreeManifest) -> list[str]:
     problems = quick_problems(tree, manifest)
     if not tree.is_dir():
         return problems
+    problems += manifest.name_problems() + manifest.link_problems() + _link_problems(tree)
     broken = {p.split(":", 1)[0] for p in problems}
     for name, record in manifest.files.items():
         if name in broken:

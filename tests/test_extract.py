@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -10,12 +11,15 @@ from pathlib import Path
 import pytest
 
 from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
-from hubd.extract import INFLATE_BACKEND, GzipReader, SafeExtractor, TreeManifest
+from hubd.extract import INFLATE_BACKEND, MAX_INFLATE_RATIO, GzipReader, SafeExtractor, TreeManifest
 from tests import hostile
 
 
-def extract(archive: bytes, dest: Path, max_bytes: int = 2**30, max_members: int = 10_000) -> TreeManifest:
-    chunks: Iterator[bytes] = iter([archive[i : i + 4096] for i in range(0, len(archive), 4096)])
+def extract(
+    archive: bytes, dest: Path, max_bytes: int = 2**30, max_members: int = 10_000, first_chunk: int = 4096
+) -> TreeManifest:
+    cuts = [0, *range(first_chunk, len(archive), 4096), len(archive)]
+    chunks: Iterator[bytes] = iter([archive[a:b] for a, b in itertools.pairwise(cuts)])
     reader = GzipReader(lambda: next(chunks, b""), max_bytes * 2)
     return SafeExtractor(dest, max_bytes, max_members, fsync=False).extract_stream(reader)
 
@@ -107,3 +111,75 @@ def test_truncated_archive_is_an_error(tmp_path: Path, models: dict[str, bytes])
     (tmp_path / "tree").mkdir()
     with pytest.raises(HubdError):
         extract(hostile.truncated(models["large_4mb"]), tmp_path / "tree")
+
+
+@pytest.mark.parametrize("name", sorted(hostile.more_hostile("/x")))
+def test_hostile_names_links_and_sparse_members_are_unsafe_archives(tmp_path: Path, name: str) -> None:
+    dest = tmp_path / "a" / "b" / "tree"
+    dest.mkdir(parents=True)
+    with pytest.raises(UnsafeArchive) as caught:
+        extract(hostile.more_hostile(str(tmp_path / "outside"))[name], dest)
+    assert caught.value.http_status == 422 and caught.value.hint
+    assert len(caught.value.message) < 600  # a 5,000-character name is not echoed whole
+    real_root = os.path.realpath(dest)
+    for path in dest.rglob("*"):
+        real = os.path.realpath(path)
+        assert os.path.commonpath([real_root, real]) == real_root, f"{path} -> {real}"
+    written = sum(p.lstat().st_size for p in dest.rglob("*") if p.is_file() and not p.is_symlink())
+    assert written < 2**20  # the sparse member was not expanded
+
+
+def test_symlink_chain_is_judged_against_the_tree_not_lexically(tmp_path: Path) -> None:
+    import posixpath
+
+    target = hostile.chain_escape_target()
+    assert not posixpath.normpath(target).startswith("..")  # what a lexical check would let through
+    (tmp_path / "tree").mkdir()
+    with pytest.raises(UnsafeArchive, match=r"assets\.txt.*leaves the model directory"):
+        extract(hostile.symlink_chain(), tmp_path / "tree")
+
+
+def test_links_that_stay_inside_are_kept(tmp_path: Path) -> None:
+    archive = hostile._tar(
+        [
+            *hostile.saved_model_members(),
+            hostile._file("assets/vocab.txt", b"a\nb\n"),
+            hostile._symlink("assets/alias.txt", "vocab.txt"),
+            hostile._symlink("missing/dir/vocab", "../../assets/vocab.txt"),  # its directory has no entry
+        ]
+    )
+    (tmp_path / "tree").mkdir()
+    manifest = extract(archive, tmp_path / "tree")
+    assert manifest.symlinks == {"assets/alias.txt": "vocab.txt", "missing/dir/vocab": "../../assets/vocab.txt"}
+    assert (tmp_path / "tree" / "missing" / "dir" / "vocab").read_bytes() == b"a\nb\n"
+
+
+def test_a_valid_archive_whose_first_read_is_one_byte_is_an_archive(
+    tmp_path: Path, models: dict[str, bytes]
+) -> None:
+    (tmp_path / "tree").mkdir()
+    manifest = extract(models["reusable"], tmp_path / "tree", first_chunk=1)
+    assert "saved_model.pb" in manifest.files
+
+
+def test_gzip_bomb_is_stopped_by_the_inflate_ratio_below_the_absolute_cap(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    bomb = hostile.gzip_bomb(256 * 2**20)
+    with pytest.raises(ArchiveTooLarge, match="times its compressed size"):
+        extract(bomb, tmp_path / "tree", max_bytes=2**40)
+    written = sum(p.stat().st_size for p in (tmp_path / "tree").rglob("*") if p.is_file())
+    assert written <= MAX_INFLATE_RATIO * len(bomb) + 16 * 2**20
+
+
+def test_many_empty_members_extract_correctly(tmp_path: Path) -> None:
+    """Per-member work is O(1) (bench/bench_members.py times it against tar -xzf); this checks the result."""
+    (tmp_path / "tree").mkdir()
+    manifest = extract(hostile.tar_bomb(20_000), tmp_path / "tree", max_members=30_000)
+    assert len(manifest.files) == 20_001
+    assert sum(1 for _ in (tmp_path / "tree").iterdir()) == 20_001
+
+
+def test_max_extract_bytes_accepts_sizes_like_100M(tmp_path: Path) -> None:
+    from hubd.config import Settings
+
+    assert Settings(cache_dir=tmp_path, max_extract_bytes="100M").max_extract_bytes == 100 * 2**20  # type: ignore[arg-type]
