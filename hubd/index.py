@@ -56,6 +56,14 @@ class Index:
             self._cache.set(_NAME + ref.canonical, ref.digest)
         self._cache.set(_BUILT, time.time())
 
+    def migrate(self, renamed: dict[str, str]) -> None:
+        """Rebuild after objects were renamed (old digest -> new), keeping their last-use times."""
+        used = {new: self._cache.get(_USED + old) for old, new in renamed.items()}
+        self.rebuild()
+        for digest, when in used.items():
+            if when is not None:
+                self._cache.set(_USED + digest, when)
+
     def record(self, meta: ObjectMeta) -> None:
         summary = {
             "digest": meta.digest,

@@ -3,6 +3,7 @@
 Layout under the cache root (see docs/cache-layout.md)::
 
     CACHEDIR.TAG            marks the tree as a cache for backup tools
+    layout-version          the layout's version (hubd/layout.py): newer is refused, older migrated at start
     objects/<digest>/       published SavedModel trees, read-only, named by their tree digest
     meta/<digest>.json      per object: tree manifest, archive sha256, size, fetch time, names
     refs/<key>.json         per canonical handle: which object it points at
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubd.extract import TreeManifest
+from hubd.tree import TreeManifest
 
 _CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -128,6 +129,9 @@ class Store:
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
             self._write_atomic(tag, _CACHEDIR_TAG.encode())
+        from hubd.layout import open_layout  # imports the index and view modules, which import this one
+
+        open_layout(self)
 
     # -- staging -------------------------------------------------------------------------------------
 
@@ -171,7 +175,7 @@ class Store:
             remove_tree(tree)
             return target
         _seal_tree(tree, self.fsync)
-        self._write_json(self.meta_dir / f"{meta.digest}.json", meta.to_json())
+        self.write_meta(meta)
         try:
             os.rename(tree, target)
         except OSError as exc:
@@ -182,6 +186,10 @@ class Store:
         os.chmod(target, 0o555)
         self._fsync_dir(self.objects)
         return target
+
+    def write_meta(self, meta: ObjectMeta) -> None:
+        _check_digest(meta.digest)
+        self._write_json(self.meta_dir / f"{meta.digest}.json", meta.to_json())
 
     def read_meta(self, digest: str) -> ObjectMeta | None:
         try:
@@ -279,6 +287,10 @@ class Store:
         return self.locks / f"{key}.lock"
 
     # -- atomic files --------------------------------------------------------------------------------
+
+    def write_file(self, path: Path, payload: bytes) -> None:
+        """Write `path` atomically (temp file, fsync, rename, fsync of the directory)."""
+        self._write_atomic(path, payload)
 
     def _write_json(self, path: Path, data: dict[str, Any]) -> None:
         self._write_atomic(path, json.dumps(data, sort_keys=True).encode())
