@@ -70,6 +70,30 @@ def build_text_embedding(path: Path) -> None:
     tf.saved_model.save(obj, str(path), signatures={"default": embed})
 
 
+def build_nnlm(path: Path, dim: int = 128) -> None:
+    """The interface of https://tfhub.dev/google/nnlm-en-dim128/2: `obj(sentences)` on a [None] string tensor
+    returns [None, dim] float32; a `default` signature returns {"default": ...}; a trainable embedding table."""
+    obj = tf.train.Checkpoint()
+    rng = np.random.default_rng(5)
+    obj.embeddings = tf.Variable(rng.normal(size=(BUCKETS, dim)).astype("float32"), name="embeddings")
+    obj.variables = [obj.embeddings]
+    obj.trainable_variables = [obj.embeddings]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def embed(sentences: tf.Tensor) -> tf.Tensor:
+        tokens = tf.strings.split(tf.strings.lower(sentences))
+        ids = tf.strings.to_hash_bucket_fast(tokens, BUCKETS)
+        vectors = tf.ragged.map_flat_values(tf.nn.embedding_lookup, obj.embeddings, ids)
+        return tf.math.divide_no_nan(
+            tf.reduce_sum(vectors, axis=1), tf.cast(tf.expand_dims(tokens.row_lengths(), 1), tf.float32)
+        )
+
+    obj.__call__ = embed
+    obj.regularization_losses = []
+    default = tf.function(lambda sentences: {"default": embed(sentences)}, input_signature=embed.input_signature)
+    tf.saved_model.save(obj, str(path), signatures={"default": default})
+
+
 def build_signature_only(path: Path) -> None:
     """A model reachable only through a serving signature that returns a dict (TF1-export style)."""
     module = tf.Module()
@@ -116,6 +140,7 @@ def main() -> None:
         "reusable": build_reusable,
         "text_embedding": build_text_embedding,
         "signature_only": build_signature_only,
+        "nnlm": build_nnlm,
     }
     if args.only_large:
         builders = {}

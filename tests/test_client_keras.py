@@ -114,7 +114,7 @@ def test_serving_signature_with_output_key(tf: Any, hub: Any, upstream: Upstream
     np.testing.assert_allclose(out.numpy().sum(), 1.0, rtol=1e-6)
     as_dict = hub.KerasLayer(handle, signature="serving_default", signature_outputs_as_dict=True)
     assert sorted(as_dict({"features": tf.constant([[1.0, 0.0, 0.0]])})) == ["logits", "probabilities"]
-    with pytest.raises(ValueError, match="not callable; pass signature"):
+    with pytest.raises(ValueError, match="Signature name has to be specified for non-callable"):
         hub.KerasLayer(handle)
     with pytest.raises(ValueError, match="either output_key or signature_outputs_as_dict"):
         hub.KerasLayer(handle, signature="serving_default")

@@ -2,8 +2,11 @@
 
 `install_tfhub()` registers a resolver with tensorflow_hub's registry (the last registered is tried first), so
 `hub.resolve`, `hub.load` and `hub.KerasLayer` on http(s) handles get the daemon's shared, verified path.
+Under Keras 3 (no TF_USE_LEGACY_KERAS) it also puts hubd's KerasLayer in place of tensorflow_hub's, whose
+tf_keras layer no Keras 3 model accepts; under tf_keras, tensorflow_hub's own layer stays (it works there).
 With `HUBD_TFHUB=1` in the environment this happens by itself when tensorflow_hub is imported: the
-`hubd_client.pth` file installed beside the package adds an import hook, and nothing else, at start-up.
+`hubd_client.pth` file installed beside the package (by `pip install .` and `pip install -e .` alike) adds an
+import hook, and nothing else, at start-up.
 """
 
 from __future__ import annotations
@@ -36,9 +39,14 @@ def install_tfhub() -> None:
     global _installed
     if _installed:
         return
+    import tensorflow_hub
     from tensorflow_hub import registry
 
+    from hubd_client.keras_layer import keras_layer_class, legacy_keras_requested
+
     registry.resolver.add_implementation(HubdResolver())
+    if not legacy_keras_requested():
+        tensorflow_hub.KerasLayer = keras_layer_class()
     _installed = True
 
 
