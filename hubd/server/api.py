@@ -49,6 +49,7 @@ class GcResponse(_Strict):
     kept_recent: int
     size_before: int
     size_after: int
+    fits: bool = Field(True, description="False when even evicting everything evictable misses the quota.")
 
 
 class Upstream(_Strict):
