@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -12,6 +14,12 @@ import aiohttp
 from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import HubdError
+from hubd.paths import UntrustedSocket, connect_checked
+
+
+class UntrustedDaemonSocket(HubdError):
+    code = "untrusted_socket"
+    http_status = 403
 
 
 def _error_classes(base: type[HubdError] = HubdError) -> list[type[HubdError]]:
@@ -29,6 +37,11 @@ def error_from(body: dict[str, Any]) -> HubdError:
     return error
 
 
+def _probe_socket(settings: Settings) -> None:
+    """Check the socket's directory, owner and listener before aiohttp (which cannot check them) connects."""
+    connect_checked(settings.socket, timeout=5).close()
+
+
 class DaemonClient:
     def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
@@ -36,7 +49,7 @@ class DaemonClient:
             connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
             self.base = settings.url.rstrip("/")
         else:
-            connector = aiohttp.UnixConnector(path=str(settings.socket))
+            connector = aiohttp.UnixConnector(path=os.path.realpath(settings.socket))  # as checked
             self.base = "http://localhost"
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)
@@ -49,6 +62,18 @@ class DaemonClient:
         await self.session.close()
 
     async def is_running(self) -> bool:
+        """True when the daemon answers; an impostor's socket is an error, never a silent fallback."""
+        if not self.settings.url:
+            try:
+                await asyncio.to_thread(_probe_socket, self.settings)
+            except UntrustedSocket as exc:
+                raise UntrustedDaemonSocket(
+                    str(exc),
+                    "remove that socket's directory (as root if need be), or set HUBD_SOCKET to a socket "
+                    "in a directory only you or root can write",
+                ) from None
+            except OSError:
+                return False
         try:
             async with self.session.get(f"{self.base}/v1/health") as response:
                 return response.status == 200

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     mirror: str | None = Field(
         None, description="A hosting-protocol server to fetch tfhub.dev and Kaggle handles from instead."
     )
+    mirror_key_file: Path | None = Field(
+        None, description="Shared key (same file on both hubds) a LAN mirror signs its archive sha256 claims with."
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),
         description="Host patterns downloads may be redirected to (fnmatch syntax).",
@@ -68,6 +71,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Loopback TCP listeners, HOST:PORT (127.0.0.1, [::1] or localhost)."
     )
     admin_group: str | None = Field(None, description="Group whose members may delete, collect and pin.")
+    trust_foreign_namespaces: bool = Field(
+        False, description="Let root or admins in another user or PID namespace (a container) act as admins."
+    )
+    socket_group: str | None = Field(
+        None, description="Group that may use the socket (0660); default hubd-users for the system daemon."
+    )
     token_file: Path | None = Field(None, description="File holding the admin token for TCP requests.")
     manifests: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Manifest files the daemon prefetches and watches."

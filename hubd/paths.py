@@ -1,9 +1,28 @@
-"""Default locations, shared by the daemon and the client library (standard library only)."""
+"""Default locations, and whether a socket's location can be trusted; shared by the daemon and the client library
+(standard library only).
+
+A Unix socket is only as trustworthy as the directory it lives in: whoever can write that directory (or any
+directory above it that is not sticky) can put their own server in its place. So the daemon refuses to bind in,
+and clients refuse to connect through, a directory that anyone but themselves or the system daemon could change.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import socket
+import stat
+import struct
 from pathlib import Path
+
+SYSTEM_SOCKET = Path("/run/hubd/hubd.sock")
+#: The system service's own account (systemd/hubd.sysusers.conf); clients trust sockets it (or root) owns.
+SYSTEM_USER = "hubd"
+
+
+class UntrustedSocket(Exception):
+    """A socket, or a directory on its path, that someone else could control."""
 
 
 def default_cache_dir() -> Path:
@@ -11,9 +30,108 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "hubd"
 
 
+def is_system_daemon() -> bool:
+    """Root's daemon (or the systemd service, HUBD_SYSTEM=1) serves every user; any other serves its user only."""
+    return os.geteuid() == 0 or os.environ.get("HUBD_SYSTEM") == "1"
+
+
 def default_socket() -> Path:
     """`/run/hubd/hubd.sock` for the system service, `$XDG_RUNTIME_DIR/hubd/hubd.sock` for a user's daemon."""
-    if os.geteuid() == 0 or os.environ.get("HUBD_SYSTEM") == "1":
-        return Path("/run/hubd/hubd.sock")
+    if is_system_daemon():
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return (Path(runtime) / "hubd" if runtime else Path(f"/tmp/hubd-{os.getuid()}")) / "hubd.sock"
+
+
+def system_uids() -> set[int]:
+    """root, and the system daemon's account where it exists."""
+    uids = {0}
+    with contextlib.suppress(KeyError):
+        uids.add(pwd.getpwnam(SYSTEM_USER).pw_uid)
+    return uids
+
+
+def client_trusted_uids() -> set[int]:
+    """Whom a client believes: itself, root, `hubd`, and HUBD_SOCKET_OWNER (a user name or uid, e.g. the host's
+    `hubd` uid inside a container whose /etc/passwd does not know it)."""
+    uids = {os.geteuid(), *system_uids()}
+    extra = os.environ.get("HUBD_SOCKET_OWNER", "").strip()
+    if extra.isdigit():
+        uids.add(int(extra))
+    elif extra:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(extra).pw_uid)
+    return uids
+
+
+def describe_uid(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def socket_dir_problem(directory: Path, trusted: set[int], owner: int | None = None) -> str | None:
+    """Why someone outside `trusted` could replace what is in `directory`, or None when nobody can.
+
+    The directory itself must be owned by `owner` (any of `trusted` when None) and writable by nobody else; every
+    directory above it must be owned by a trusted uid and be writable by nobody else or sticky (like /tmp).
+    Raises FileNotFoundError when the directory does not exist.
+    """
+    real = Path(os.path.realpath(directory))
+    for index, current in enumerate([real, *real.parents]):
+        info = os.stat(current)
+        allowed = {owner} if (index == 0 and owner is not None) else trusted
+        if info.st_uid not in allowed:
+            return f"{current} belongs to {describe_uid(info.st_uid)}"
+        others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if others_write and (index == 0 or not info.st_mode & stat.S_ISVTX):
+            return f"{current} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def checked_socket_path(path: Path, trusted: set[int]) -> str:
+    """The real path of a socket a client may connect to, or UntrustedSocket saying why not.
+
+    FileNotFoundError when there is no socket (no daemon runs). The real path is returned so that a link on the
+    way cannot be re-pointed between this check and the connect.
+    """
+    real = Path(os.path.realpath(path))
+    problem = socket_dir_problem(real.parent, trusted)
+    if problem is None:
+        info = os.lstat(real)
+        if not stat.S_ISSOCK(info.st_mode):
+            problem = f"{real} is not a socket"
+        elif info.st_uid not in trusted:
+            problem = f"{real} belongs to {describe_uid(info.st_uid)}"
+    if problem is not None:
+        raise UntrustedSocket(
+            f"refusing the hubd socket {path}: {problem}, so another user could impersonate the daemon"
+        )
+    return str(real)
+
+
+def check_peer(sock: socket.socket, trusted: set[int]) -> None:
+    """The process listening on a connected Unix socket must run as a trusted uid (the kernel says who)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in trusted:
+        raise UntrustedSocket(
+            f"refusing the hubd socket {sock.getpeername()}: it is served by {describe_uid(uid)}, "
+            "who could impersonate the daemon"
+        )
+
+
+def connect_checked(path: Path, timeout: float | None = None) -> socket.socket:
+    """Connect to the daemon's socket after checking where it lives and who serves it."""
+    trusted = client_trusted_uids()
+    real = checked_socket_path(path, trusted)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(real)
+        check_peer(sock, trusted)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

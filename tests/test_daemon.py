@@ -200,7 +200,15 @@ def test_admin_group_members_may_delete(settings: Settings, upstream: Upstream, 
     public = Path(tempfile.mkdtemp(prefix="hubd-public-"))
     public.chmod(0o755)
     try:
-        d = start_daemon(settings, tmp_path, "--socket", str(public / "hubd.sock"), "--admin-group", group)
+        d = start_daemon(
+            settings,
+            tmp_path,
+            "--socket",
+            str(public / "hubd.sock"),
+            "--admin-group",
+            group,
+            env_extra={"HUBD_SOCKET_GROUP": group},  # root's socket is 0660: nobody reaches it through its group
+        )
         d.socket_path = public / "hubd.sock"
         try:
             model_id = d.request("POST", "/v1/resolve", {"handle": tfhub(upstream.publish("reusable"))}).json()[
@@ -214,7 +222,9 @@ def test_admin_group_members_may_delete(settings: Settings, upstream: Upstream, 
                 "DELETE",
                 f"/v1/models/{model_id}",
             ]
-            result = subprocess.run(args, user="nobody", capture_output=True, text=True, check=True)
+            result = subprocess.run(
+                args, user="nobody", group=group, extra_groups=[], capture_output=True, text=True, check=True
+            )
             assert result.stdout.strip() == "200"
         finally:
             d.stop()
@@ -233,10 +243,15 @@ print(s.recv(100).split()[1].decode())
 
 @pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(), reason="needs root to act as nobody")
 def test_other_users_may_resolve_but_not_delete(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
+    import grp
+    import pwd
+
     public = Path(tempfile.mkdtemp(prefix="hubd-public-"))
     public.chmod(0o755)
     try:
-        d = start_daemon(settings, tmp_path, "--socket", str(public / "hubd.sock"))
+        group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+        env = {"HUBD_SOCKET_GROUP": group}  # root's socket is 0660: nobody reaches it through its group
+        d = start_daemon(settings, tmp_path, "--socket", str(public / "hubd.sock"), env_extra=env)
         d.socket_path = public / "hubd.sock"
         try:
             model_id = d.request("POST", "/v1/resolve", {"handle": tfhub(upstream.publish("reusable"))}).json()[
@@ -246,7 +261,7 @@ def test_other_users_may_resolve_but_not_delete(settings: Settings, upstream: Up
             def as_nobody(method: str, path: str) -> str:
                 args = [str(SYSTEM_PYTHON), "-c", NOBODY_DELETE, str(d.socket_path), method, path]
                 return subprocess.run(
-                    args, user="nobody", capture_output=True, text=True, check=True
+                    args, user="nobody", group=group, extra_groups=[], capture_output=True, text=True, check=True
                 ).stdout.strip()
 
             assert as_nobody("GET", "/v1/models") == "200"

@@ -6,10 +6,11 @@ import http.client
 import json
 import os
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hubd.paths import default_socket
+from hubd.paths import UntrustedSocket, connect_checked, default_socket
 
 TIMEOUT = float(os.environ.get("HUBD_CLIENT_TIMEOUT", "3600"))
 
@@ -18,16 +19,17 @@ class Unreachable(Exception):
     """Nothing answered where the daemon should be."""
 
 
+class Untrusted(Unreachable):
+    """Something answers, but someone other than the user, root or `hubd` could have put it there."""
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
+        self.sock = connect_checked(Path(self.unix_path), self.timeout)
 
 
 def where() -> str:
@@ -55,6 +57,8 @@ def request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
         raise Unreachable(str(exc)) from None
     except PermissionError as exc:
         raise Unreachable(f"no permission to use the socket: {exc}") from None
+    except UntrustedSocket as exc:
+        raise Untrusted(str(exc)) from None
     finally:
         connection.close()
     return response.status, json.loads(data) if data else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import ipaddress
 import logging
 import os
@@ -16,6 +17,7 @@ from aiohttp import web
 from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import BadRequest
+from hubd.paths import is_system_daemon, socket_dir_problem
 from hubd.server.app import create_app
 from hubd.server.guards import AdminPolicy
 from hubd.server.mirror import create_mirror_app
@@ -23,6 +25,8 @@ from hubd.server.systemd import inherited_sockets, notify
 from hubd.watch import Watchers
 
 log = logging.getLogger("hubd")
+#: Members may use the system daemon's socket (systemd/hubd.socket's SocketGroup).
+SYSTEM_SOCKET_GROUP = "hubd-users"
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -67,8 +71,52 @@ def bind_mirror(spec: str) -> socket.socket:
     return sock
 
 
-def bind_unix(path: Path, mode: int) -> socket.socket:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+def socket_access(settings: Settings) -> tuple[int, int | None]:
+    """(mode, group) of the API socket: the system daemon's is for one group, a user's daemon's for its user.
+
+    Never world-writable: whoever can connect can ask the daemon to download and can read the cache's listing.
+    """
+    name = settings.socket_group or (SYSTEM_SOCKET_GROUP if is_system_daemon() else None)
+    if name is None:
+        return 0o600, None
+    try:
+        return 0o660, grp.getgrnam(name).gr_gid
+    except KeyError:
+        if settings.socket_group:
+            raise BadRequest(
+                f"the socket group {name!r} does not exist", "create it (groupadd), or unset HUBD_SOCKET_GROUP"
+            ) from None
+        return 0o660, None  # no hubd-users group: the daemon's own group only
+
+
+def socket_dir(path: Path) -> Path:
+    """Create (0700 for a user's daemon) and check the socket's directory; the socket's real path.
+
+    Without XDG_RUNTIME_DIR a user's socket lives in /tmp/hubd-UID, which any user could create first and fill
+    with a server of their own; so the directory must belong to this user (root or this user for the system
+    daemon) and be writable by nobody else, and so must every directory above it (sticky ones excepted).
+    """
+    system = is_system_daemon()
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o755 if system else 0o700, parents=True, exist_ok=True)
+        problem = socket_dir_problem(directory, {0, os.geteuid()}, owner=None if system else os.geteuid())
+    except OSError as exc:
+        raise BadRequest(
+            f"cannot use the socket directory {directory}: {exc.strerror}",
+            "create it for this user, or choose another place with --socket / HUBD_SOCKET",
+        ) from None
+    if problem is not None:
+        raise BadRequest(
+            f"refusing to serve on {path}: {problem}, so another user could impersonate hubd",
+            f"if you did not make {directory}, someone may be trying to intercept your requests: have root remove "
+            "it, or set XDG_RUNTIME_DIR or --socket to a directory only you can write",
+        )
+    return Path(os.path.realpath(directory)) / path.name
+
+
+def bind_unix(path: Path, mode: int, group: int | None = None) -> socket.socket:
+    path = socket_dir(path)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise BadRequest(f"{path} exists and is not a socket", "remove it or choose another socket path")
@@ -87,21 +135,37 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+    except PermissionError:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise BadRequest(
+            f"cannot give the socket {path} to group {group}", "the daemon's user must be a member of socket_group"
+        ) from None
     return sock
 
 
 class Daemon:
     def __init__(self, settings: Settings, socket_mode: int | None = None) -> None:
         self.settings = settings
-        self.socket_mode = socket_mode if socket_mode is not None else (0o666 if os.geteuid() == 0 else 0o600)
+        self.socket_mode, self.socket_gid = socket_access(settings)
+        if socket_mode is not None:
+            self.socket_mode = socket_mode
         self.engine = Engine(settings)
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
 
     async def run(self) -> None:
         await self.engine.start()
-        app = create_app(self.engine, AdminPolicy(self.settings.admin_group, self.settings.token_file))
+        app = create_app(
+            self.engine,
+            AdminPolicy(
+                self.settings.admin_group, self.settings.token_file, self.settings.trust_foreign_namespaces
+            ),
+        )
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=30)
         await runner.setup()
         mirror_runner = web.AppRunner(create_mirror_app(self.engine), handle_signals=False, access_log=None)
@@ -140,8 +204,8 @@ class Daemon:
     async def _start_sites(self, runner: web.AppRunner) -> list[str]:
         sockets = inherited_sockets()
         if not sockets:
-            sockets.append(bind_unix(self.settings.socket, self.socket_mode))
-            self._owned_socket = self.settings.socket
+            sockets.append(bind_unix(self.settings.socket, self.socket_mode, self.socket_gid))
+            self._owned_socket = Path(sockets[0].getsockname())
             sockets += [bind_tcp(spec) for spec in self.settings.listen]
         addresses = []
         for sock in sockets:

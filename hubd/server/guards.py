@@ -3,7 +3,8 @@
 - DNS rebinding: a request whose Host is not a loopback name or address is refused (400).
 - Cross-site requests: any request carrying an Origin header is refused (403); no browser page has business here.
 - Admin: over the Unix socket the peer's uid (SO_PEERCRED) must be root, the daemon's own user, or a member of the
-  configured admin group; over TCP a bearer token read from a file only admins can read is required.
+  configured admin group, in the daemon's own user and PID namespaces (a container's root is not the host's);
+  over TCP a bearer token read from a file only admins can read is required.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hubd.errors import HubdError
+from hubd.server.namespaces import same_namespaces
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,19 +72,26 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-def peer_uid_gid(request: web.Request) -> tuple[int, int] | None:
+def peer_socket(request: web.Request) -> socket.socket | None:
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
+    return sock if sock is not None and sock.family == socket.AF_UNIX else None
+
+
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected, as the kernel saw it; pid 0 when its PID namespace is
+    not visible from the daemon's."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, gid = struct.unpack("3i", creds)
-    return uid, gid
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
 
 
 class AdminPolicy:
-    def __init__(self, admin_group: str | None, token_file: Path | None) -> None:
+    def __init__(
+        self, admin_group: str | None, token_file: Path | None, trust_foreign_namespaces: bool = False
+    ) -> None:
         self.admin_gid = grp.getgrnam(admin_group).gr_gid if admin_group else None
         self.token_file = token_file
+        self.trust_foreign_namespaces = trust_foreign_namespaces
 
     def is_admin_uid(self, uid: int, gid: int) -> bool:
         if uid in (0, os.geteuid()):
@@ -99,13 +108,19 @@ class AdminPolicy:
         return self.admin_gid in os.getgrouplist(account.pw_name, account.pw_gid)
 
     def check(self, request: web.Request) -> None:
-        creds = peer_uid_gid(request)
-        if creds is not None:
-            if self.is_admin_uid(*creds):
+        sock = peer_socket(request)
+        if sock is not None:
+            pid, uid, gid = peer_creds(sock)
+            if not self.is_admin_uid(uid, gid):
+                raise Forbidden(
+                    f"uid {uid} may not change the shared cache",
+                    "ask an admin, or join the admin group configured as admin_group",
+                )
+            if self.trust_foreign_namespaces or same_namespaces(sock, pid):
                 return
             raise Forbidden(
-                f"uid {creds[0]} may not change the shared cache",
-                "ask an admin, or join the admin group configured as admin_group",
+                f"uid {uid} connects from another user or PID namespace (a container?) and is not an admin here",
+                "run admin commands on the host, or start the daemon with HUBD_TRUST_FOREIGN_NAMESPACES=1",
             )
         token = self._token()
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()

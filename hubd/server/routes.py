@@ -74,27 +74,42 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-def _remote_only(engine: Engine, handle: str) -> None:
-    """Refuse local paths: the client returns them itself, and the daemon must not probe the filesystem for
-    other users (whether a directory exists where they cannot look)."""
-    if engine.parse(handle).kind == "local":
-        raise BadHandle(
-            "the daemon resolves remote handles only; a local directory is used as it is",
-            "pass the path to tf.saved_model.load (hubd_client.resolve returns local paths unchanged)",
-        )
+#: Scheme-less handles the API takes: tfhub.dev/... and kaggle.com/... (handles.py adds https:// to these).
+_HUB_HOSTS = frozenset({"tfhub.dev", "www.tfhub.dev", "kaggle.com", "www.kaggle.com"})
+
+
+def _not_remote() -> BadHandle:
+    return BadHandle(
+        "the daemon resolves remote handles only: a URL, or a tfhub.dev or kaggle.com handle",
+        "pass a local directory to tf.saved_model.load (hubd_client.resolve returns local paths unchanged)",
+    )
+
+
+def _remote_only(handle: str) -> None:
+    """Refuse anything that is or may be a local path with one fixed error, decided from the text alone.
+
+    parse_handle would look at the daemon's filesystem (does the directory exist?), and its answer would tell any
+    socket user what exists where they cannot look. So every absolute, ./, ../, ~ or file: path, and every name
+    without a scheme that is not a tfhub.dev or kaggle.com handle (a relative path, existing or not), gets the
+    same status, code and message, and the filesystem is never consulted.
+    """
+    raw = handle.strip()
+    if raw.startswith(("/", "~", ".")) or raw.lower().startswith("file:"):
+        raise _not_remote()
+    if "://" not in raw and raw.split("/", 1)[0].lower() not in _HUB_HOSTS:
+        raise _not_remote()
 
 
 async def resolve(request: web.Request) -> web.Response:
     body = await parse_body(request, ResolveRequest)
-    engine = _engine(request)
-    _remote_only(engine, body.handle)
-    entry = await engine.resolve(body.handle, sha256=body.sha256)
+    _remote_only(body.handle)
+    entry = await _engine(request).resolve(body.handle, sha256=body.sha256)
     return json_response(entry)
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, PullRequest)
-    _remote_only(_engine(request), body.handle)  # a bad handle is a plain 400, before the stream starts
+    _remote_only(body.handle)  # a bad handle is a plain 400, before the stream starts
     wanted = [ManifestEntry(handle=body.handle, sha256=body.sha256, name=None)]
     return await _stream_resolves(request, wanted, summary=False)
 
@@ -106,7 +121,7 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     else:
         wanted = (await parse_body(request, PrefetchRequest)).model
     for item in wanted:
-        _remote_only(_engine(request), item.handle)
+        _remote_only(item.handle)
     if any(item.pin for item in wanted):
         request.app[ADMIN].check(request)  # pins change what eviction may remove: admins only
     return await _stream_resolves(request, wanted, summary=True)
@@ -183,6 +198,8 @@ async def cache_status(engine: Engine) -> Status:
 
 async def verify(request: web.Request) -> web.Response:
     body = await parse_body(request, VerifyRequest)
+    if body.handle is not None and not _ID.match(body.handle):
+        _remote_only(body.handle)
     if body.handle is None:
         request.app[ADMIN].check(request)  # re-hashing every model is heavy: anyone may check one, admins all
     reports = await _engine(request).verify(body.handle, heal=body.heal)
