@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
+import hmac
 import os
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +26,7 @@ import aiohttp
 from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import (
+    BadRequest,
     ChecksumMismatch,
     DisallowedHost,
     DiskFull,
@@ -31,9 +35,9 @@ from hubd.errors import (
     UnknownModel,
     VerificationFailed,
 )
-from hubd.eviction import GcReport, collect, gc_lock
+from hubd.eviction import GcReport, QuotaExceeded, collect, gc_lock, unevictable_bytes
 from hubd.fetch import Download, FetchResult, ProgressCallback, make_session
-from hubd.handles import AnyHost, Source, host_allowed, kaggle_canonical_from_url, parse_handle
+from hubd.handles import AnyHost, Source, kaggle_canonical_from_url, origin, origin_allowed, parse_handle
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
@@ -54,6 +58,13 @@ class _Flight:
             listener(phase, done, total)
 
 
+class RefConflict(HubdError):
+    """A handle already names another verified model: a cached handle never silently changes what it loads."""
+
+    code = "ref_conflict"
+    http_status = 409
+
+
 @dataclass
 class VerifyReport:
     entry: Entry
@@ -67,7 +78,9 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.cache_dir, fsync=settings.fsync)
-        self.http_hosts = frozenset(settings.http_hosts) | _mirror_host(settings.mirror)
+        self.http_hosts = frozenset(settings.http_hosts) | _mirror_http_entry(settings.mirror)
+        self.mirror_key = _read_mirror_key(settings.mirror_key_file)
+        """The shared key a hubd LAN mirror signs (archive sha256, tree digest) with; None when not configured."""
         self._index: Index | None = None
         self._session: aiohttp.ClientSession | None = None
         self._flights: dict[str, _Flight] = {}
@@ -111,13 +124,14 @@ class Engine:
 
     def parse(self, handle: str) -> Source:
         """Parse a handle and refuse servers that are not allowed upstreams (no probing of other machines)."""
-        source = parse_handle(handle, self.http_hosts)
+        source = parse_handle(handle, self.http_hosts)  # plain http is checked there, on host and port
         if source.kind == "url":
-            host = (urlsplit(source.url).hostname or "").lower()
-            if host not in self.http_hosts and not host_allowed(host, self.settings.allowed_hosts):
+            where = origin(source.url)
+            mirror = origin(self.settings.mirror) if self.settings.mirror else None
+            if where[0] == "https" and where != mirror and not origin_allowed(where, self.settings.allowed_hosts):
                 raise DisallowedHost(
-                    f"{host} is not an allowed model server: {handle!r}",
-                    "add the host to HUBD_ALLOWED_HOSTS (or allowed_hosts in the config file) if you trust it",
+                    f"{where[1]}:{where[2]} is not an allowed model server: {handle!r}",
+                    "add the host to HUBD_ALLOWED_HOSTS (HOST for port 443, HOST:PORT otherwise) if you trust it",
                 )
         return source
 
@@ -201,13 +215,14 @@ class Engine:
         url = source.download_url(self.settings.mirror)
         started = time.monotonic()
         staging = self.store.new_staging()
+        room = _Room(self)
         try:
             sink = StreamingExtraction(
                 staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
             )
             try:
                 download = Download(
-                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, self._make_room
+                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, room.check, room.need
                 )
                 result = await download.run()
                 manifest = await sink.finish()
@@ -219,10 +234,7 @@ class Engine:
             flight.emit("verify", 0, None)
             archive_sha256 = self._archive_sha256(result, manifest.digest())
             if sha256 and archive_sha256 != sha256:
-                raise ChecksumMismatch(
-                    f"archive of {source.handle} has sha256 {archive_sha256}, expected {sha256}",
-                    "the upstream file changed or the checksum is wrong; the cached copy (if any) was kept",
-                )
+                raise self._pin_mismatch(source, result, archive_sha256, sha256)
             problems = structural_problems(staging.tree)
             if problems:
                 raise VerificationFailed(
@@ -230,11 +242,11 @@ class Engine:
                     "the archive is incomplete or not a SavedModel; report it to the model's publisher",
                 )
             names = [source.canonical]
-            mirror_hosts = _mirror_host(self.settings.mirror)
-            twins = (kaggle_canonical_from_url(url, mirror_hosts) for url in result.redirects[1:])
-            twin = next(filter(None, twins), None)
-            if twin and twin != source.canonical:
-                names.append(twin)
+            if source.kind == "tfhub":  # only a tfhub.dev handle is redirected to its Kaggle twin
+                twins = (kaggle_canonical_from_url(u, self.settings.mirror) for u in result.redirects[1:])
+                twin = next(filter(None, twins), None)
+                if twin and twin != source.canonical:
+                    names.append(twin)
             meta = ObjectMeta(
                 digest=manifest.digest(),
                 archive_sha256=archive_sha256,
@@ -244,7 +256,7 @@ class Engine:
                 names=names,
             )
             flight.emit("publish", 0, None)
-            await asyncio.to_thread(self._publish, staging.tree, meta, names, source.handle)
+            await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
             self.stats["fetch_seconds"] += time.monotonic() - started
             if self.settings.max_size is not None:
                 await asyncio.to_thread(collect, self, self.settings.max_size, False, frozenset({meta.digest}))
@@ -259,45 +271,88 @@ class Engine:
         finally:
             await asyncio.to_thread(staging.cleanup)
 
-    def _publish(self, tree: Path, meta: ObjectMeta, names: list[str], handle: str) -> None:
-        """Publish the tree and point the names at it, all under the shared gc lock (no eviction in between)."""
+    def _publish(self, tree: Path, meta: ObjectMeta, handle: str) -> None:
+        """Publish the tree and point the names at it, all under the shared gc lock (no eviction in between).
+
+        A ref never silently changes the model it names. The handle's own fetch may replace its ref only when
+        the entry it named is gone or failed verification; otherwise it is refused (`RefConflict`) and the old
+        ref kept. A Kaggle twin learnt from a redirect is only ever added, never replaces a ref."""
         with gc_lock(self.store, shared=True):
+            refs: list[tuple[str, Ref]] = []
+            for position, canonical in enumerate(meta.names):
+                given = handle if position == 0 else "https://www." + canonical
+                key = parse_handle(given, AnyHost()).ref_key
+                existing = self.store.read_ref(key)
+                if existing is not None and existing.digest != meta.digest and self._healthy(existing.digest):
+                    if position > 0:
+                        continue
+                    raise RefConflict(
+                        f"{canonical} is cached as model {existing.digest[:12]} (archive sha256 "
+                        f"{existing.archive_sha256}), but its upstream now serves another model, "
+                        f"{meta.digest[:12]} (archive sha256 {meta.archive_sha256}); the cached one was kept",
+                        "a cached handle never changes silently: if the new model is right, an admin removes the "
+                        f"old entry (`hubd rm {existing.digest[:12]}`) and pulls again",
+                    )
+                refs.append((key, Ref(canonical, given, meta.digest, meta.archive_sha256, time.time())))
+            meta.names = [ref.canonical for _key, ref in refs]
             self.store.publish(tree, meta)
             self.index.record(meta)
-            for position, canonical in enumerate(names):
-                given = handle if position == 0 else "https://www." + canonical
-                key = parse_handle(given, self.http_hosts).ref_key
-                ref = Ref(canonical, given, meta.digest, meta.archive_sha256, time.time())
+            for key, ref in refs:
                 self.store.write_ref(key, ref)
-                self.index.bind(canonical, meta.digest)
+                self.index.bind(ref.canonical, meta.digest)
                 if self.view is not None:
                     self.view.link(ref)
             self.index.touch(meta.digest)
         self._meta_cache[meta.digest] = meta
 
-    async def _make_room(self, archive_bytes: int) -> None:
-        """Before the first byte: evict to keep the quota with the new model (estimated by its archive, which it
-        unpacks to at least), then refuse at once a download that cannot fit on the disk."""
-        if self.settings.max_size is not None:
-            await asyncio.to_thread(collect, self, max(0, self.settings.max_size - archive_bytes))
-        free = shutil.disk_usage(self.store.staging).free
-        if free < archive_bytes:
-            raise DiskFull(
-                f"the disk holding the cache is full: {human_bytes(free)} free, and the archive alone is "
-                f"{human_bytes(archive_bytes)}; nothing was written",
-                "free space (`hubd gc`, or `hubd rm` unused models), set a quota with --max-size, "
-                "or move HUBD_CACHE_DIR",
-            )
+    def _healthy(self, digest: str) -> bool:
+        """Whether a published object is present and passes the quick check (a cache hit's test)."""
+        meta = self._meta(digest)
+        tree = self.store.object_path(digest)
+        return meta is not None and tree.is_dir() and not quick_problems(tree, meta.manifest)
 
     def _archive_sha256(self, result: FetchResult, tree_digest: str) -> str:
-        """The upstream archive's sha256. A hubd LAN mirror re-packs trees, so its bytes hash differently; it
-        states which archive the tree came from, and that is believed only when it is the configured mirror
-        and the tree that arrived is exactly the tree it named."""
+        """The upstream archive's sha256: the bytes hubd hashed itself, unless a trusted mirror vouches otherwise.
+
+        A hubd LAN mirror re-packs trees, so its bytes hash differently; it states which archive the tree came
+        from. That statement is believed only from the configured mirror's own origin, only when the tree that
+        arrived is exactly the tree it named, and only when it cannot have been forged on the way: the mirror
+        is reached over https, or it signed the statement with the shared mirror key."""
         claim = result.hubd_claim
-        from_mirror = self.settings.mirror and result.final_url.startswith(self.settings.mirror + "/")
-        if claim and from_mirror and claim[1] == tree_digest:
+        if claim is None or claim[1] != tree_digest or not self._from_mirror(result.final_url):
+            return result.sha256
+        assert self.settings.mirror is not None
+        if self.settings.mirror.startswith("https://"):
+            return claim[0]
+        if self.mirror_key is not None and hmac.compare_digest(
+            claim_signature(self.mirror_key, *claim), result.hubd_claim_signature
+        ):
             return claim[0]
         return result.sha256
+
+    def _from_mirror(self, url: str) -> bool:
+        mirror = self.settings.mirror
+        if not mirror:
+            return False
+        try:
+            return origin(url) == origin(mirror) and urlsplit(url).path.startswith(urlsplit(mirror).path + "/")
+        except DisallowedHost:
+            return False
+
+    def _pin_mismatch(self, source: Source, result: FetchResult, got: str, expected: str) -> ChecksumMismatch:
+        claim = result.hubd_claim
+        if claim is not None and claim[0] == expected and got == result.sha256:
+            return ChecksumMismatch(
+                f"the archive of {source.handle} came re-packed from the mirror {self.settings.mirror}, which "
+                f"says it is the archive with sha256 {expected}, but over plain http and unsigned nothing proves "
+                "it; a sha256 pin is only checked against bytes hubd hashed itself or a trusted mirror's word",
+                "give both hubds the same key with HUBD_MIRROR_KEY_FILE (or serve the mirror over https), "
+                "fetch without the mirror, or drop the sha256 pin",
+            )
+        return ChecksumMismatch(
+            f"archive of {source.handle} has sha256 {got}, expected {expected}",
+            "the upstream file changed or the checksum is wrong; the cached copy (if any) was kept",
+        )
 
     def _quarantine(self, digest: str, problems: list[str]) -> None:
         if self.view is not None:
@@ -437,11 +492,82 @@ class Engine:
         return False
 
 
-def _mirror_host(mirror: str | None) -> frozenset[str]:
-    if not mirror:
+class _Room:
+    """Quota room for one download. Nothing is evicted for a size a server merely announces: a download that
+    cannot fit even once every evictable entry is gone is refused before its first byte, and entries are
+    evicted only as the download's own bytes arrive, just enough for them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.room: int | None = None
+        """Bytes the download may still take without evicting anything."""
+
+    async def check(self, announced: int) -> None:
+        engine, quota = self.engine, self.engine.settings.max_size
+        if quota is not None:
+            floor = await asyncio.to_thread(unevictable_bytes, engine)
+            if floor + announced > quota:
+                raise QuotaExceeded(
+                    f"the archive alone is {human_bytes(announced)}, and the quota of {human_bytes(quota)} holds "
+                    f"{human_bytes(floor)} of pinned or recently used models; nothing was evicted",
+                    "an admin can raise the quota (--max-size / HUBD_MAX_SIZE) or unpin models",
+                )
+        free = shutil.disk_usage(engine.store.staging).free
+        if free < announced:
+            raise DiskFull(
+                f"the disk holding the cache is full: {human_bytes(free)} free, and the archive alone is "
+                f"{human_bytes(announced)}; nothing was written",
+                "free space (`hubd gc`, or `hubd rm` unused models), set a quota with --max-size, "
+                "or move HUBD_CACHE_DIR",
+            )
+
+    async def need(self, received: int) -> None:
+        quota = self.engine.settings.max_size
+        if quota is None or (self.room is not None and received <= self.room):
+            return
+        report = await asyncio.to_thread(collect, self.engine, quota - received, False, frozenset(), True, True)
+        self.room = quota - report.size_after
+        if not report.fits or received > self.room:
+            raise QuotaExceeded(
+                f"the download has reached {human_bytes(received)}, more than the quota of {human_bytes(quota)} "
+                "can hold besides pinned and recently used models",
+                "an admin can raise the quota (--max-size / HUBD_MAX_SIZE) or unpin models",
+            )
+
+
+def claim_signature(key: bytes, archive_sha256: str, tree_digest: str) -> str:
+    """The HMAC a hubd LAN mirror sends (X-Hubd-Claim-Signature) for "this tree came from that archive"."""
+    return hmac.new(key, f"hubd-claim:{archive_sha256}:{tree_digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def _read_mirror_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise BadRequest(
+            f"cannot read the mirror key file {path}: {exc.strerror}", "check HUBD_MIRROR_KEY_FILE"
+        ) from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BadRequest(
+            f"the mirror key file {path} is readable or writable by others",
+            f"chmod 600 {path}: anyone who can read it can vouch for archives",
+        )
+    if len(key) < 16:
+        raise BadRequest(
+            f"the mirror key in {path} is too short", "use at least 16 random bytes, e.g. `openssl rand -hex 32`"
+        )
+    return key
+
+
+def _mirror_http_entry(mirror: str | None) -> frozenset[str]:
+    """Plain http is allowed to the configured mirror's exact origin (host and port), and to nothing else."""
+    if not mirror or not mirror.startswith("http://"):
         return frozenset()
-    host = urlsplit(mirror).hostname
-    return frozenset({host}) if host else frozenset()
+    _scheme, host, port = origin(mirror)
+    return frozenset({f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
 
 
 def _local_entry(source: Source) -> Entry:

@@ -1,7 +1,9 @@
 """Keeping the cache inside its quota: least recently used first, never a pin, never what is in use.
 
-It runs twice per fetch when a quota is set: before the first byte, making room for the archive's stated size
-(a model unpacks to at least that), and after publishing, with the model's real size.
+It runs as a download's bytes arrive, when a quota is set: just enough to hold the bytes received so far (a
+model unpacks to at least its archive), and never for a size a server merely announced; a download that could
+not fit even once everything evictable is gone is refused before its first byte, evicting nothing. After
+publishing it runs once more with the model's real size.
 
 Rules, in order:
 - pinned entries (a manifest said `pin = true`) are never evicted;
@@ -40,6 +42,16 @@ class GcReport:
     size_before: int = 0
     size_after: int = 0
     dry_run: bool = False
+    fits: bool = True
+    """False when the quota could not be reached even by evicting everything evictable (nothing was, then, when
+    `collect` was asked to evict only if that makes the cache fit)."""
+
+
+class QuotaExceeded(HubdError):
+    """A download that the quota cannot hold besides what may not be evicted."""
+
+    code = "over_quota"
+    http_status = 507
 
 
 class CollectorBusy(HubdError):
@@ -68,44 +80,82 @@ def collect(
     dry_run: bool = False,
     protect: frozenset[str] = frozenset(),
     wait: bool = True,
+    only_if_fits: bool = False,
 ) -> GcReport:
-    """Evict until published models fit in `max_size` (only orphans and quarantine when it is None)."""
+    """Evict until published models fit in `max_size` (only orphans and quarantine when it is None).
+
+    With `only_if_fits`, evict nothing at all unless evicting makes the cache fit: a download never costs other
+    users their models unless it can then be kept."""
     store = engine.store
     with gc_lock(store, shared=False, wait=wait):
         entries = [e for e in engine.list_entries() if e.state == "ok"]
-        referenced = {ref.digest for ref in store.iter_refs()}
-        now = time.time()
-        grace = engine.settings.gc_grace
+        plan = _plan(engine, entries, protect)
         report = GcReport(dry_run=dry_run, size_before=sum(e.size_bytes for e in entries))
+        report.kept_pinned, report.kept_recent = plan.kept_pinned, plan.kept_recent
+        report.fits = max_size is None or plan.floor <= max_size
+        if only_if_fits and not report.fits:
+            report.size_after = report.size_before
+            return report
         report.quarantine_freed_bytes = _clear_quarantine(store, dry_run)
-        size = report.size_before
-
-        def evict(entry: Entry) -> None:
-            nonlocal size
+        over = [] if max_size is None else _least_needed(plan.candidates, report.size_before - max_size, plan)
+        for entry in [*plan.orphans, *over]:
             if not dry_run:
                 engine.remove_digest(entry.id)
             report.removed.append(entry)
             report.freed_bytes += entry.size_bytes
-            size -= entry.size_bytes
-
-        candidates = []
-        for entry in entries:
-            recent = (entry.last_used or entry.fetched_at) > now - grace or entry.id in protect
-            if entry.pinned:
-                report.kept_pinned += 1
-            elif recent:
-                report.kept_recent += 1
-            elif entry.id not in referenced:
-                evict(entry)  # nothing can resolve to it any more
-            else:
-                candidates.append(entry)
-        candidates.sort(key=lambda e: e.last_used or e.fetched_at)
-        for entry in candidates:
-            if max_size is None or size <= max_size:
-                break
-            evict(entry)
-        report.size_after = size
+        report.size_after = report.size_before - report.freed_bytes
         return report
+
+
+def _least_needed(candidates: list[Entry], excess: int, plan: _Plan) -> list[Entry]:
+    """The least recently used candidates, just enough to free `excess` bytes once the orphans are gone."""
+    excess -= sum(e.size_bytes for e in plan.orphans)
+    chosen = []
+    for entry in candidates:
+        if excess <= 0:
+            break
+        chosen.append(entry)
+        excess -= entry.size_bytes
+    return chosen
+
+
+def unevictable_bytes(engine: Engine, protect: frozenset[str] = frozenset()) -> int:
+    """What the cache holds that no eviction may remove now: pinned and recently used models."""
+    entries = [e for e in engine.list_entries() if e.state == "ok"]
+    return _plan(engine, entries, protect).floor
+
+
+@dataclass
+class _Plan:
+    orphans: list[Entry]
+    """Nothing can resolve to these any more: they go first, whatever the quota."""
+    candidates: list[Entry]
+    """Evictable, least recently used first."""
+    floor: int
+    """Bytes that stay whatever is evicted."""
+    kept_pinned: int = 0
+    kept_recent: int = 0
+
+
+def _plan(engine: Engine, entries: list[Entry], protect: frozenset[str]) -> _Plan:
+    referenced = {ref.digest for ref in engine.store.iter_refs()}
+    horizon = time.time() - engine.settings.gc_grace
+    plan = _Plan([], [], 0)
+    for entry in entries:
+        recent = (entry.last_used or entry.fetched_at) > horizon or entry.id in protect
+        if entry.pinned:
+            plan.kept_pinned += 1
+        elif recent:
+            plan.kept_recent += 1
+        elif entry.id not in referenced:
+            plan.orphans.append(entry)
+            continue
+        else:
+            plan.candidates.append(entry)
+            continue
+        plan.floor += entry.size_bytes
+    plan.candidates.sort(key=lambda e: e.last_used or e.fetched_at)
+    return plan
 
 
 def _clear_quarantine(store: Store, dry_run: bool) -> int:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -45,6 +45,8 @@ class FetchResult:
     restarts: int = 0
     hubd_claim: tuple[str, str] | None = None
     """(archive sha256, tree digest) a hubd LAN mirror states for the tree it re-packed."""
+    hubd_claim_signature: str = ""
+    """The mirror's HMAC of `hubd_claim` under the shared mirror key, when it has one."""
 
 
 class _Retryable(Exception):
@@ -75,11 +77,15 @@ class Download:
         http_hosts: frozenset[str],
         on_progress: ProgressCallback | None = None,
         on_size: Callable[[int], Awaitable[None]] | None = None,
+        on_bytes: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.session = session
         self.on_size = on_size
         """Awaited with the archive's size as soon as the server states it, before the body is read: the
-        engine makes room there, and may raise to refuse the download."""
+        engine refuses there, before any byte or eviction, a download that cannot fit."""
+        self.on_bytes = on_bytes
+        """Awaited with the bytes received so far (this chunk included) before a chunk is used: the engine
+        makes room for bytes that really arrived, never for a size a server merely announced."""
         self.url = url
         self.sink = sink
         self.settings = settings
@@ -140,7 +146,6 @@ class Download:
 
     async def _open(self, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """GET `url`, following redirects one hop at a time so each target is checked before it is contacted."""
-        origin = urlsplit(self.url).hostname or ""
         for _ in range(_MAX_REDIRECTS + 1):
             response = await self.session.get(url, headers=headers, allow_redirects=False)
             if self._result.redirects[-1:] != [url]:
@@ -148,7 +153,7 @@ class Download:
             if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                 target = urljoin(url, response.headers["Location"])
                 response.release()
-                check_redirect(target, origin, self.settings.allowed_hosts, self.http_hosts)
+                check_redirect(target, self.url, self.settings.allowed_hosts, self.http_hosts)
                 url = target
                 continue
             self._result.final_url = url
@@ -179,6 +184,7 @@ class Download:
         self._resume_url = self._result.final_url if ranges else None
         archive, tree = response.headers.get("X-Hubd-Archive-Sha256"), response.headers.get("X-Hubd-Tree-Digest")
         self._result.hubd_claim = (archive, tree) if archive and tree else None
+        self._result.hubd_claim_signature = response.headers.get("X-Hubd-Claim-Signature", "")
 
     def _range_matches(self, response: aiohttp.ClientResponse) -> bool:
         content_range = response.headers.get("Content-Range", "")
@@ -194,6 +200,8 @@ class Download:
         last_report = 0.0
         self.on_progress("download", self._received, self._total)
         async for chunk in response.content.iter_chunked(_READ_CHUNK):
+            if self.on_bytes is not None:
+                await self.on_bytes(self._received + len(chunk))
             self._hash.update(chunk)
             self._received += len(chunk)
             await self.sink.feed(chunk)

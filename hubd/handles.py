@@ -10,6 +10,12 @@ Accepted forms (see docs/handles.md for the rules):
   case-insensitive on Kaggle, so it is lower-cased in the canonical name.
 - any other ``https://`` URL: a server speaking the TF Hub hosting protocol.
 - a local directory: returned as it is, never copied.
+
+A handle never carries a secret: user:password@ in the host part, any query other than ``tf-hub-format=`` and a
+fragment are refused, because handles are stored in refs and listed to every user of the cache.
+
+Servers are compared as *origins* (scheme, host, port): a list entry without a port means the scheme's default
+port, so an unprivileged local user, who can only listen on high ports, cannot stand in for an allowed server.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from hubd.errors import BadHandle, DisallowedHost
 
@@ -34,6 +40,12 @@ _TFHUB_HOSTS = {"tfhub.dev", "www.tfhub.dev"}
 _KAGGLE_HOSTS = {"kaggle.com", "www.kaggle.com"}
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION = re.compile(r"^[0-9]+$")
+_QUERY = re.compile(r"^(tf-hub-format=[A-Za-z0-9_-]*)?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_KAGGLE_ORIGINS = {("https", host, 443) for host in _KAGGLE_HOSTS}
+
+Origin = tuple[str, str, int]
+"""(scheme, host, port) of a URL, the port made explicit: what servers are compared by."""
 
 SourceKind = Literal["tfhub", "kaggle", "url", "local"]
 
@@ -91,24 +103,94 @@ def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Sourc
         else:
             raise BadHandle(f"not a model handle: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
     parts = urlsplit(raw)
+    _refuse_secrets(parts.netloc, parts.query, parts.fragment, raw)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
     if not host:
         raise BadHandle(f"handle has no host: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
-    if scheme == "http":
-        if host not in http_hosts:
-            raise DisallowedHost(
-                f"plain http is refused for {host}: {handle!r}",
-                "use https://, or allow the host with HUBD_HTTP_HOSTS / --http-host",
-            )
-    elif scheme != "https":
+    if scheme not in _DEFAULT_PORTS:
         raise BadHandle(f"unsupported scheme {scheme!r} in {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
+    port = _port(parts, handle)
+    if scheme == "http" and not http_allowed(host, port, http_hosts):
+        raise DisallowedHost(
+            f"plain http is refused for {host}:{port}: {handle!r}",
+            "use https://, or allow the server with HUBD_HTTP_HOSTS / --http-host (HOST for port 80, HOST:PORT)",
+        )
     segments = _path_segments(parts.path, handle)
     if host in _TFHUB_HOSTS:
         return _tfhub_source(handle, segments)
     if host in _KAGGLE_HOSTS:
         return _kaggle_source(handle, segments)
     return _url_source(handle, scheme, parts.netloc.lower(), segments)
+
+
+def _refuse_secrets(netloc: str, query: str, fragment: str, handle: str) -> None:
+    """Handles are stored and listed to every user: refuse anything that looks like a credential in one."""
+    if "@" in netloc:
+        raise BadHandle(
+            "a handle may not contain credentials (user:password@); it is stored and listed to every user",
+            "remove the user name and password; hubd fetches only public models (use a mirror for private ones)",
+        )
+    if not _QUERY.match(query) or fragment:
+        raise BadHandle(
+            "a handle may not carry a query (other than tf-hub-format=) or a fragment: it could hold a token, "
+            "and handles are stored and listed to every user",
+            "remove everything after '?' or '#' from the handle",
+        )
+
+
+def _port(parts: SplitResult, url: str) -> int:
+    try:
+        port = parts.port
+    except ValueError:
+        raise BadHandle(f"invalid port in {url!r}", f"pass one of: {ACCEPTED_FORMS}") from None
+    return port if port is not None else _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+
+
+def origin(url: str) -> Origin:
+    """The (scheme, host, port) of `url`; DisallowedHost if it has none that hubd could use."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise DisallowedHost(f"not a usable http(s) URL: {url!r}", "the upstream server is misconfigured")
+    try:
+        port = parts.port
+    except ValueError:
+        raise DisallowedHost(f"invalid port in {url!r}", "the upstream server is misconfigured") from None
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+def _split_entry(entry: str, scheme: str) -> tuple[str, int]:
+    """A host-list entry (``host``, ``host:port``, ``[v6]:port``) as (host pattern, port); no port: the default."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    if not port:
+        return host, _DEFAULT_PORTS.get(scheme, 0)
+    return host, int(port) if port.isdigit() else -1
+
+
+def http_allowed(host: str, port: int, http_hosts: frozenset[str]) -> bool:
+    """Whether plain http to host:port is allowed: an entry ``host:port``, or ``host`` for port 80."""
+    if isinstance(http_hosts, AnyHost):
+        return True
+    host = host.lower()
+    return any(_split_entry(entry, "http") == (host, port) for entry in http_hosts)
+
+
+def origin_allowed(target: Origin, patterns: list[str]) -> bool:
+    """Whether an https origin matches an allowed-host pattern (fnmatch on the host; no port: 443)."""
+    scheme, host, port = target
+    for entry in patterns:
+        pattern, entry_port = _split_entry(entry, scheme)
+        if entry_port == port and fnmatchcase(host, pattern):
+            return True
+    return False
 
 
 def _path_segments(path: str, handle: str) -> list[str]:
@@ -197,38 +279,50 @@ def _is_dir(path: str) -> bool:
         return False
 
 
-def kaggle_canonical_from_url(url: str, mirror_hosts: frozenset[str] = frozenset()) -> str | None:
+def kaggle_canonical_from_url(url: str, mirror: str | None = None) -> str | None:
     """The canonical Kaggle name behind a redirect URL, so a tfhub.dev handle and its Kaggle twin share a ref.
 
     tfhub.dev answers a handle with a redirect to its Kaggle page (``/models/<owner>/<model>/frameworks/...``);
-    a mirror that keeps Kaggle's URL scheme is read the same way.
+    a configured mirror that keeps Kaggle's URL scheme is read the same way. Only those two speak for Kaggle
+    names: the real Kaggle host over https, and the mirror's exact origin (scheme, host and port) and path.
     """
-    parts = urlsplit(url)
-    if (parts.hostname or "").lower() not in _KAGGLE_HOSTS | mirror_hosts:
-        return None
     try:
-        return _kaggle_source(url, _path_segments(parts.path, url)).canonical
+        where = origin(url)
+    except DisallowedHost:
+        return None
+    path = urlsplit(url).path
+    if where not in _KAGGLE_ORIGINS:
+        if not mirror:
+            return None
+        try:
+            mirror_origin = origin(mirror)
+        except DisallowedHost:
+            return None
+        prefix = urlsplit(mirror).path.rstrip("/")
+        if where != mirror_origin or not path.startswith(prefix + "/"):
+            return None
+        path = path[len(prefix) :]
+    try:
+        return _kaggle_source(url, _path_segments(path, url)).canonical
     except BadHandle:
         return None
 
 
-def host_allowed(host: str, patterns: list[str]) -> bool:
-    host = host.lower()
-    return any(fnmatchcase(host, pattern.lower()) for pattern in patterns)
-
-
-def check_redirect(url: str, origin_host: str, allowed: list[str], http_hosts: frozenset[str]) -> None:
-    """Refuse a redirect that leaves the origin host for one that is not allowed, or drops to plain http."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
-        raise DisallowedHost(f"redirect to an unusable URL: {url!r}", "the upstream server is misconfigured")
-    if parts.scheme == "http" and host not in http_hosts:
+def check_redirect(url: str, origin_url: str, allowed: list[str], http_hosts: frozenset[str]) -> None:
+    """Refuse a redirect that leaves the download's origin (scheme, host and port) for one that is not allowed,
+    or that drops to plain http. A redirect within the origin is always followed."""
+    target = origin(url)
+    if target == origin(origin_url):
+        return
+    scheme, host, port = target
+    downgrade = urlsplit(origin_url).scheme.lower() == "https"
+    if scheme == "http" and (downgrade or not http_allowed(host, port, http_hosts)):
         raise DisallowedHost(f"redirect to plain http refused: {url!r}", "only https redirects are followed")
-    if host != origin_host.lower() and not host_allowed(host, allowed):
+    if not origin_allowed(target, allowed):
         raise DisallowedHost(
-            f"redirect to host {host!r} is not allowed",
-            "add it to HUBD_ALLOWED_HOSTS if it is a trusted model store",
+            f"redirect to {scheme}://{host}:{port} is not allowed",
+            "add it to HUBD_ALLOWED_HOSTS (HOST for the default port, HOST:PORT otherwise) if it is a trusted "
+            "model store",
         )
 
 

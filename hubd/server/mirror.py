@@ -4,6 +4,11 @@
 <variation>/<version>`) resolves the handle through the engine, so a miss is fetched upstream once however many
 machines ask, and streams the published tree as a tar.gz made on the fly (level 1: the bytes are weights, which
 barely compress). Another hubd with `--mirror http://this-host:PORT` then fetches from here.
+
+The re-packed bytes hash differently from the original archive, so the mirror states which archive the tree
+came from (X-Hubd-Archive-Sha256, X-Hubd-Tree-Digest). Over plain http anyone on the way could rewrite that, so
+with a shared key (HUBD_MIRROR_KEY_FILE, the same file on both hubds) it also sends an HMAC of the statement
+(X-Hubd-Claim-Signature); the receiving hubd believes the statement only when signed, or over https.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import IO, cast
 from aiohttp import web
 from isal import igzip
 
-from hubd.engine import Engine
+from hubd.engine import Engine, claim_signature
 from hubd.errors import BadHandle, HubdError
 from hubd.handles import handle_from_mirror_path
 
@@ -72,13 +77,16 @@ async def serve_archive(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text=f"hubd mirror: {exc}\n")
     except HubdError as exc:
         return web.Response(status=exc.http_status, text=f"hubd mirror: {exc}\n")
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "application/gzip",
-            "X-Hubd-Tree-Digest": entry.tree_digest,
-            "X-Hubd-Archive-Sha256": entry.archive_sha256,
-        }
-    )
+    headers = {
+        "Content-Type": "application/gzip",
+        "X-Hubd-Tree-Digest": entry.tree_digest,
+        "X-Hubd-Archive-Sha256": entry.archive_sha256,
+    }
+    if engine.mirror_key is not None:
+        headers["X-Hubd-Claim-Signature"] = claim_signature(
+            engine.mirror_key, entry.archive_sha256, entry.tree_digest
+        )
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
