@@ -523,7 +523,11 @@ class _Room:
 
     async def need(self, received: int) -> None:
         quota = self.engine.settings.max_size
-        if quota is None or (self.room is not None and received <= self.room):
+        if quota is None:
+            return
+        if self.room is None:
+            self.room = quota - await asyncio.to_thread(self._cached_bytes)
+        if received <= self.room:
             return
         report = await asyncio.to_thread(collect, self.engine, quota - received, False, frozenset(), True, True)
         self.room = quota - report.size_after
@@ -533,6 +537,9 @@ class _Room:
                 "can hold besides pinned and recently used models",
                 "an admin can raise the quota (--max-size / HUBD_MAX_SIZE) or unpin models",
             )
+
+    def _cached_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.engine.list_entries() if e.state == "ok")
 
 
 def claim_signature(key: bytes, archive_sha256: str, tree_digest: str) -> str:
