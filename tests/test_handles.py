@@ -100,7 +100,7 @@ def test_plain_http_is_refused_unless_the_host_and_port_are_allowed() -> None:
     ],
 )
 def test_handles_carrying_credentials_are_refused(handle: str) -> None:
-    with pytest.raises(BadHandle, match="credentials|query") as caught:
+    with pytest.raises(BadHandle, match=r"credentials|query") as caught:
         parse_handle(handle)
     assert caught.value.hint and "s3cret" not in str(caught.value) and "pw" not in caught.value.message
 
