@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,12 +74,13 @@ print(json.dumps({"status": int(head.split()[1]), "body": payload.decode()}))
 AS_USER = """
 import os, sys
 uid, gid, groups, code = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-import http.client, json, socket, struct, asyncio, logging.handlers, concurrent.futures.thread
+import http.client, json, socket, struct, asyncio, ctypes, logging.handlers, concurrent.futures.thread
 import hubd.cli, hubd.server.daemon, hubd.api_client, hubd.engine, hubd.watch, aiohttp.web
 import hubd_client, hubd_client.resolver, hubd_client.offline, hubd_client.transport
 os.setgroups([int(g) for g in groups.split(",") if g])
 os.setgid(gid)
 os.setuid(uid)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: as any process the user starts (setuid cleared it)
 sys.argv = ["-c", *sys.argv[5:]]
 exec(compile(code, "<as-user>", "exec"))
 """
@@ -111,10 +113,12 @@ def run_as(
     )
 
 
-def spawn(user: LocalUser, code: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(
+    user: LocalUser, code: str, *argv: str, env: dict[str, str] | None = None, groups: tuple[int, ...] = ()
+) -> subprocess.Popen[str]:
     """Start Python `code` as `user`, stdout and stderr on one pipe."""
     return subprocess.Popen(
-        _as_user_args(user, code, argv),
+        _as_user_args(user, code, argv, groups),
         env=_user_env(user, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -381,3 +385,52 @@ def test_foreign_namespaces_are_trusted_only_when_configured(
         assert _as_root_in(CONTAINERS["user-namespace"], d, "DELETE", path) == 200
     finally:
         d.stop()
+
+
+#: RAW_REQUEST, first moved into a user namespace of its own where the caller is root, as in a rootless container.
+IN_USER_NAMESPACE = (
+    r"""
+import ctypes, os, sys
+uid, gid = os.getuid(), os.getgid()
+if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    with open(f"/proc/self/{name}", "w") as file:
+        file.write(text)
+assert os.getuid() == 0
+"""
+    + RAW_REQUEST
+)
+
+
+def test_an_unprivileged_daemon_tells_a_container_from_the_host_without_ptrace(
+    settings: Settings, upstream: Upstream, victim: LocalUser, attacker: LocalUser
+) -> None:
+    """As the system service runs (as `hubd`, no capabilities): the daemon cannot read other users'
+    /proc/PID/ns links, and still refuses an admin-group member who connects from a user namespace."""
+    group = grp.getgrgid(attacker.gid).gr_name
+    folder = Path(tempfile.mkdtemp(prefix="hubd-victim-", dir="/tmp"))
+    os.chown(folder, victim.uid, victim.gid)
+    folder.chmod(0o755)
+    env = {
+        "HUBD_SOCKET": str(folder / "hubd.sock"),
+        "HUBD_SOCKET_GROUP": group,
+        "HUBD_ADMIN_GROUP": group,
+        "HUBD_CACHE_DIR": str(victim.home / f"cache-{uuid.uuid4().hex[:8]}"),
+        "HUBD_MIRROR": settings.mirror or "",
+        "HUBD_HTTP_HOSTS": "127.0.0.1",
+    }
+    proc = spawn(victim, HUBD_CLI, "serve", env=env, groups=(attacker.gid,))
+    try:
+        wait_for_line(proc, "hubd ready")
+        handle = json.dumps({"handle": upstream.handle(upstream.publish("reusable"))})
+        resolved = run_as(victim, RAW_REQUEST, env["HUBD_SOCKET"], "POST", "/v1/resolve", handle)
+        model = f"/v1/models/{json.loads(json.loads(resolved.stdout)['body'])['id']}"
+        contained = run_as(attacker, IN_USER_NAMESPACE, env["HUBD_SOCKET"], "DELETE", model, "")
+        assert json.loads(contained.stdout)["status"] == 403, contained.stdout + contained.stderr
+        on_host = run_as(attacker, RAW_REQUEST, env["HUBD_SOCKET"], "DELETE", model, "")
+        assert json.loads(on_host.stdout)["status"] == 200, on_host.stdout + on_host.stderr
+    finally:
+        stop(proc)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(env["HUBD_CACHE_DIR"], ignore_errors=True)
