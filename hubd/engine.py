@@ -26,6 +26,7 @@ import aiohttp
 from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import (
+    BadHandle,
     BadRequest,
     ChecksumMismatch,
     DisallowedHost,
@@ -42,7 +43,7 @@ from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
 from hubd.store import ObjectMeta, Ref, Store
-from hubd.tfhub_view import TfhubView
+from hubd.tfhub_view import TfhubView, link_name
 from hubd.verify import full_problems, quick_problems, structural_problems
 
 
@@ -99,6 +100,30 @@ class Engine:
         self.store.clean_stale_staging()
         self._index = Index(self.store)
         self._index.rebuild_if_needed()
+        await asyncio.to_thread(self._forget_credentials)
+
+    def _forget_credentials(self) -> None:
+        """Drop what an older hubd stored from handles with credentials or tokens in them (user:pw@, ?token=).
+
+        Such handles are refused now; refs and names are readable by every user, so an entry named with one is
+        removed (it is fetched again on its next use) and a ref whose handle alone carries one is dropped."""
+        for ref in list(self.store.iter_refs()):
+            if "@" in ref.canonical:
+                if self.store.read_meta(ref.digest) is not None:
+                    self.remove_digest(ref.digest)
+            else:
+                try:
+                    parse_handle(ref.handle, AnyHost())
+                    continue
+                except BadHandle:
+                    pass
+            self.store.remove_ref(_ref_key(ref.canonical))
+            self.index.unbind(ref.canonical)
+            if self.view is not None:  # the links named after the spelling that carried it, and their descriptors
+                for spelling in (ref.handle, ref.handle + "/"):
+                    link = self.view.root / link_name(spelling)
+                    for path in (link, link.with_name(f"{link.name}.descriptor.txt")):
+                        path.unlink(missing_ok=True)
 
     async def rebuild_view(self) -> None:
         """Re-link the whole tensorflow_hub view (publishes link incrementally; this catches up after a crash).
@@ -440,7 +465,7 @@ class Engine:
         entry = self._entry(meta)
         for ref in self.store.iter_refs():
             if ref.digest == digest:
-                self.store.remove_ref(parse_handle(ref.handle, AnyHost()).ref_key)
+                self.store.remove_ref(_ref_key(ref.canonical))
                 self.index.unbind(ref.canonical)
         if self.view is not None:
             self.view.unlink_digest(digest)
@@ -567,6 +592,11 @@ def _read_mirror_key(path: Path | None) -> bytes | None:
             f"the mirror key in {path} is too short", "use at least 16 random bytes, e.g. `openssl rand -hex 32`"
         )
     return key
+
+
+def _ref_key(canonical: str) -> str:
+    """The ref key of a canonical name, for refs read back from the store (their handle may no longer parse)."""
+    return Source("url", canonical, canonical).ref_key
 
 
 def _mirror_http_entry(mirror: str | None) -> frozenset[str]:

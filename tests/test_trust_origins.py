@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from hubd.config import Settings
+from hubd.handles import Source
+from hubd.store import Ref, Store
 from tests.conftest import Upstream
 from tests.daemon import Daemon, start_daemon
 from tests.hosting import Behaviour
@@ -383,3 +385,30 @@ def test_credentials_in_a_handle_are_never_stored_or_listed(
         cache = daemon.log_path.parent / "cache"
         found = attacker.run([str(SYSTEM_PYTHON), "-c", FIND_SECRET, str(cache), "s3cret"])
         assert found.returncode == 0 and found.stdout.strip() == "", found
+
+
+def test_credentials_an_older_hubd_stored_are_forgotten_at_start(
+    settings: Settings, upstream: Upstream, attacker: LocalUser
+) -> None:
+    path = upstream.publish("reusable")
+    with shared_dir() as workdir:
+        cache = settings.model_copy(update={"cache_dir": workdir / "cache"})
+        entry = resolve(cache, f"https://tfhub.dev/{path}")
+        store = Store(cache.cache_dir)
+        leaked = [  # what an older hubd wrote for these two handles
+            (f"alice:s3cret@127.0.0.1:{upstream.server.port}/{path}", f"http://alice:s3cret@127.0.0.1:1/{path}"),
+            (f"tfhub.dev/{path}", f"https://tfhub.dev/{path}?token=s3cret"),
+        ]
+        for canonical, handle in leaked:
+            key = Source("url", handle, canonical).ref_key
+            store.write_ref(key, Ref(canonical, handle, entry.id, entry.archive_sha256, 0.0))
+        daemon = start_daemon(cache, workdir)
+        try:
+            os.chown(daemon.socket_path, -1, attacker.gid)
+            daemon.socket_path.chmod(0o660)
+            status, listed = ask_as(attacker, daemon, "GET", "/v1/models")
+            assert status == 200 and "s3cret" not in json.dumps(listed)
+            found = attacker.run([str(SYSTEM_PYTHON), "-c", FIND_SECRET, str(cache.cache_dir), "s3cret"])
+            assert found.returncode == 0 and found.stdout.strip() == "", found
+        finally:
+            daemon.stop()
