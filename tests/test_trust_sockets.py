@@ -188,6 +188,7 @@ def test_users_daemon_refuses_a_socket_directory_another_user_made(
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("hubd: error:")]
     assert f"{victim_default_dir} belongs to {attacker.name}" in line and "hint:" in line
     assert (victim_default_dir / "hubd.sock").exists()  # the daemon neither used nor removed the attacker's socket
+    assert not cache.exists()  # refused before it touched anything
     assert "REQUEST" not in stop(fake_server[0])
 
 

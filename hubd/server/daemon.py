@@ -159,6 +159,8 @@ class Daemon:
         self._owned_socket: Path | None = None
 
     async def run(self) -> None:
+        if "LISTEN_FDS" not in os.environ:
+            socket_dir(self.settings.socket)  # a socket directory someone else controls: refuse before any work
         await self.engine.start()
         app = create_app(
             self.engine,
