@@ -46,6 +46,7 @@ _OUT_CHUNK = 1 << 20
 # files about 100:1 (one 512-byte header each). The allowance lets a small archive's padding through.
 MAX_INFLATE_RATIO = 200
 _RATIO_ALLOWANCE = 16 << 20
+TRAILING_ALLOWANCE = 1 << 20  # compressed bytes accepted after the tar's end (tar and gzip padding)
 # Linux allows 255 bytes per name and 4,096 per path; a model's paths are far shorter. Refusing longer names
 # up front turns ENAMETOOLONG deep in a write into a clear refusal.
 MAX_NAME_BYTES = 255
@@ -76,6 +77,7 @@ class GzipReader(io.RawIOBase):
         self._pending = b""
         self._produced = 0
         self._consumed = 0
+        self._trailing = 0
         self._started = False
         self._eof = False
 
@@ -99,8 +101,10 @@ class GzipReader(io.RawIOBase):
                     break
             if self._inflater.eof:
                 if self._pending[:2] != _GZIP_MAGIC:
-                    # Padding after the last member: gzip(1) ignores it too.
+                    # Padding after the last member: gzip(1) ignores it too, but not without end.
+                    self._trailing += len(self._pending)
                     self._pending = b""
+                    check_trailing(self._trailing)
                     continue
                 # A new gzip member follows the previous one.
                 self._inflater = _inflate_lib.decompressobj(wbits=31)
@@ -152,6 +156,15 @@ class GzipReader(io.RawIOBase):
                     )
         self._consumed += len(chunk)
         return chunk
+
+
+def check_trailing(count: int) -> None:
+    """Bytes after the archive's end are padding up to a point; an upstream that keeps sending is refused."""
+    if count > TRAILING_ALLOWANCE:
+        raise NotAnArchive(
+            f"the upstream sent more than {TRAILING_ALLOWANCE} bytes after the archive's end",
+            "the server is misbehaving (or the URL is not a model archive); nothing was cached",
+        )
 
 
 class ReadAhead(io.RawIOBase):

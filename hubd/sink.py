@@ -13,7 +13,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from hubd.extract import GzipReader, SafeExtractor
+from hubd.extract import GzipReader, SafeExtractor, check_trailing
 from hubd.tree import TreeManifest
 
 _QUEUE_CHUNKS = 8
@@ -48,8 +48,10 @@ class StreamingExtraction:
         stream = GzipReader(self._next_chunk, max_bytes + max_bytes // 8 + (1 << 20))
         try:
             manifest = extractor.extract_stream(stream)
-            while not self._saw_eof and self._next_chunk():  # drain padding after the tar's end
-                pass
+            trailing = 0
+            while not self._saw_eof:  # drain padding after the tar's end, up to an allowance
+                trailing += len(self._next_chunk())
+                check_trailing(trailing)
         except _Aborted:
             self._loop.call_soon_threadsafe(self._settle, None, None)
         except BaseException as exc:  # handed to the event loop, re-raised by feed()/finish()

@@ -183,3 +183,28 @@ def test_max_extract_bytes_accepts_sizes_like_100M(tmp_path: Path) -> None:
     from hubd.config import Settings
 
     assert Settings(cache_dir=tmp_path, max_extract_bytes="100M").max_extract_bytes == 100 * 2**20  # type: ignore[arg-type]
+
+
+def test_bytes_after_the_archive_end_are_read_only_up_to_an_allowance(
+    tmp_path: Path, models: dict[str, bytes]
+) -> None:
+    import asyncio
+
+    from hubd.sink import StreamingExtraction
+
+    sent = [0]
+
+    async def endless_upstream() -> None:
+        sink = StreamingExtraction(tmp_path / "tree", 2**30, 10_000, fsync=False)
+        try:
+            await sink.feed(models["reusable"])
+            for _ in range(1024):  # 64 MiB of junk after a valid archive, unless the sink stops it
+                await sink.feed(b"\0" * 65536)
+                sent[0] += 65536
+            await sink.finish()
+        finally:
+            await sink.abort()
+
+    with pytest.raises(NotAnArchive, match="after the archive's end"):
+        asyncio.run(endless_upstream())
+    assert sent[0] < 8 * 2**20
