@@ -112,12 +112,12 @@ def full_problems(tree: Path, manifest: TreeManifest) -> list[str]:
             continue
         if _sha256_file(tree / name) != record.sha256:
             problems.append(f"{name}: content changed (sha256 mismatch)")
-    known = set(manifest.files) | set(manifest.symlinks) | set(manifest.dirs)
+    known = set(manifest.files) | set(manifest.symlinks) | manifest.all_dirs()  # sets: O(1) per path
     for dirpath, dirnames, filenames in os.walk(tree):
         rel_dir = os.path.relpath(dirpath, tree)
         for name in [*filenames, *dirnames]:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel not in known and not any(k.startswith(rel + "/") for k in known):
+            if rel not in known:
                 problems.append(f"{rel}: added after publishing")
     return problems
 

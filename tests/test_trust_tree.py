@@ -220,3 +220,36 @@ def test_verify_rechecks_links_against_the_real_tree(tmp_path: Path) -> None:
     os.rename(tree / "d", tree / "d.moved")
     os.symlink("/etc", tree / "d")
     assert "alias: link resolves outside the model" in quick_problems(tree, manifest)
+
+
+def test_full_verify_finds_a_file_added_deep_in_a_large_tree(tmp_path: Path) -> None:
+    from hubd.verify import full_problems
+
+    tree = tmp_path / "tree"
+    files = {"saved_model.pb": b"\x08\x01graph", **{f"assets/a/b/f{i}": b"" for i in range(5000)}}
+    manifest = TreeManifest(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    assert full_problems(tree, manifest) == []
+    (tree / "assets" / "a" / "c").mkdir()
+    (tree / "assets" / "a" / "c" / "new").write_bytes(b"!")
+    assert full_problems(tree, manifest) == [
+        "assets/a/c: added after publishing",
+        "assets/a/c/new: added after publishing",
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(hostile.more_hostile("/x")))
+def test_hostile_archives_are_422_through_the_daemon(
+    settings: Settings, upstream: Upstream, tmp_path: Path, name: str
+) -> None:
+    """Each once gave a 500 (a 5,000-character name, a 25x200-character path, a hard link over a member, ...)."""
+    daemon = start_daemon(settings, tmp_path)
+    try:
+        path = upstream.publish(hostile.more_hostile(str(tmp_path / "outside"))[name])
+        reply = daemon.request("POST", "/v1/resolve", {"handle": upstream.handle(path)})
+    finally:
+        daemon.stop()
+    assert reply.status == 422, reply.body
+    assert reply.json()["error"]["code"] == "unsafe_archive" and reply.json()["error"]["hint"]
