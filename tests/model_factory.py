@@ -94,6 +94,20 @@ def build_nnlm(path: Path, dim: int = 128) -> None:
     tf.saved_model.save(obj, str(path), signatures={"default": default})
 
 
+def build_nested_outputs(path: Path, kind: str) -> None:
+    """A callable without variables whose output is a list (`kind="list"`) or a dict of two tensors whose last
+    dimension is unknown to the trace, so only KerasLayer's `output_shape` can make it static."""
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
+    def call(x: tf.Tensor) -> object:
+        doubled, summed = 2.0 * x, tf.reduce_sum(x, axis=1, keepdims=True) + 0.0 * x
+        return [doubled, summed] if kind == "list" else {"doubled": doubled, "summed": summed}
+
+    module.__call__ = call
+    tf.saved_model.save(module, str(path))
+
+
 def build_signature_only(path: Path) -> None:
     """A model reachable only through a serving signature that returns a dict (TF1-export style)."""
     module = tf.Module()
@@ -141,6 +155,8 @@ def main() -> None:
         "text_embedding": build_text_embedding,
         "signature_only": build_signature_only,
         "nnlm": build_nnlm,
+        "list_output": lambda path: build_nested_outputs(path, "list"),
+        "dict_output": lambda path: build_nested_outputs(path, "dict"),
     }
     if args.only_large:
         builders = {}

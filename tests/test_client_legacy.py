@@ -110,3 +110,30 @@ def test_hubd_tfhub_env_var_plugs_in_without_code_changes(
     assert plugged.strip().startswith(str(settings.cache_dir / "objects"))
     unplugged = run_script(code, daemon, tmp_path)
     assert unplugged.strip().startswith(str(tmp_path / "tfhub_modules"))
+
+
+def test_an_editable_install_ships_the_tfhub_hook(tmp_path: Path) -> None:
+    """`pip install -e .` installs hubd_client.pth too, so HUBD_TFHUB=1 works from a development checkout."""
+    import sysconfig
+
+    prefix = tmp_path / "prefix"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed"]
+    subprocess.run([*pip, "--prefix", str(prefix), "-e", str(REPO)], check=True, capture_output=True, timeout=240)
+    site_dir = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+    assert (site_dir / "hubd_client.pth").read_text() == (REPO / "hubd_client.pth").read_text()
+    # the interpreter's start-up processing of that site directory, then: is the import hook in place?
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]);"
+        "from hubd_client.tfhub_plugin import _AfterImport;"
+        "print(any(isinstance(f, _AfterImport) for f in sys.meta_path), 'tensorflow_hub' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBD_", "PYTHONPATH"))}
+    for flag, expected in (("1", "True False"), ("", "False False")):
+        result = subprocess.run(
+            [sys.executable, "-S", "-c", code, str(site_dir)],
+            env={**env, "HUBD_TFHUB": flag},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert result.stdout.strip() == expected, result.stderr

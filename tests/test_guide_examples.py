@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -236,6 +237,8 @@ def guide_run(
     from tests.daemon import start_daemon
 
     flavour: str = request.param
+    if flavour == "plugged" and not (Path(sysconfig.get_path("purelib")) / "hubd_client.pth").is_file():
+        pytest.fail("hubd_client.pth is not in site-packages: reinstall hubd (`pip install -e .` installs it too)")
     work = tmp_path_factory.mktemp(f"guide-{flavour}")
     settings = Settings(
         cache_dir=work / "cache",

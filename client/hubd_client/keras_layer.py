@@ -77,6 +77,19 @@ def input_tensor_spec(func: Any, signature: str | None) -> Any:
     return specs[0]
 
 
+def _is_floating(dtype: Any) -> bool:
+    """Whether a layer `dtype` argument (None, a name, a tf.DType, a policy or its config) computes in floats."""
+    import tensorflow as tf
+
+    if isinstance(dtype, dict):  # a serialized DTypePolicy
+        dtype = dtype.get("config", {}).get("name")
+    name = str(getattr(dtype, "name", dtype) or "float32")
+    try:
+        return bool(tf.as_dtype(name.removeprefix("mixed_")).is_floating)
+    except TypeError:
+        return True
+
+
 def _convert_nest_to_shapes(x: Any) -> Any:
     """In a nest, converts raw tuples/lists of int or None to tf.TensorShape (as tensorflow_hub does)."""
     import tensorflow as tf
@@ -154,7 +167,7 @@ def _build(legacy: bool) -> type:
             spec = None if legacy else input_tensor_spec(callable_, signature)
             if spec is not None and "dtype" not in kwargs and not spec.dtype.is_floating:
                 kwargs["dtype"] = spec.dtype.name  # Keras 3 would feed it float32 (Sequential, autocast)
-            if not legacy and not tf.as_dtype(kwargs.get("dtype") or "float32").is_floating:
+            if not legacy and not _is_floating(kwargs.get("dtype")):
                 # TF Hub's text recipe: KerasLayer(url, input_shape=[], dtype=tf.string). Keras 3's Sequential
                 # turns input_shape into a float32 Input; without it, Sequential builds its Input from the
                 # first layer's dtype and the data's shape.
@@ -220,8 +233,8 @@ def _build(legacy: bool) -> type:
 
         def _get_own_losses(self) -> list[Any]:  # Keras 3: `losses` and training read this
             own: list[Any] = super()._get_own_losses()
-            if self.trainable:
-                own.extend(loss() for loss in self._regularization_losses)
+            # as tensorflow_hub's callables under tf_keras: the loss while trainable, else 0.0
+            own.extend(loss() if self.trainable else tf.constant(0.0) for loss in self._regularization_losses)
             return own
 
         def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -364,6 +377,25 @@ def _build(legacy: bool) -> type:
         def resolved_object(self) -> Any:
             """The object `handle` resolved to in `__init__` (e.g. for BERT's `resolved_object.vocab_file`)."""
             return self._func
+
+        if not legacy:
+
+            def compute_output_spec(self, *args: Any, **kwargs: Any) -> Any:
+                # Trace `call` symbolically (Operation's way), not from compute_output_shape with the layer's
+                # dtype: a string-input model's compute dtype is "string", its outputs are not.
+                return super(keras_module.layers.Layer, self).compute_output_spec(*args, **kwargs)
+
+            def compute_output_shape(self, input_shape: Any) -> Any:
+                """From `output_shape` if given; else traced with inputs of the dtype the SavedModel takes."""
+                if hasattr(self, "_output_shape"):
+                    batch_size = tf.nest.flatten(input_shape)[0]
+                    return tf.nest.map_structure(
+                        lambda s: (batch_size, *s.as_list()), self._output_shape, expand_composites=False
+                    )
+                spec = self._input_spec_of_func
+                dtype = spec.dtype.name if spec is not None else self.input_dtype
+                outputs = self.compute_output_spec(keras_module.KerasTensor(tuple(input_shape), dtype=dtype))
+                return tf.nest.map_structure(lambda t: tuple(t.shape), outputs)
 
         if legacy:
 

@@ -15,6 +15,8 @@ def resolve(handle: str) -> str:
     """A local directory holding the SavedModel for `handle` (local paths are returned as they are)."""
     handle = os.fspath(handle)
     if handle.startswith(_LOCAL_PREFIXES) or ("://" not in handle and os.path.isdir(handle)):
+        if not os.path.exists(os.path.expanduser(handle.removeprefix("file://"))):
+            raise OSError(f"{handle} does not exist.")  # tensorflow_hub's error, word for word
         return parse_handle(handle).local_path
     try:
         status, body = transport.request("POST", "/v1/resolve", {"handle": handle})
