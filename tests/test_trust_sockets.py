@@ -192,6 +192,23 @@ def test_users_daemon_refuses_a_socket_directory_another_user_made(
     assert "REQUEST" not in stop(fake_server[0])
 
 
+@pytest.mark.parametrize("case", ["writable-by-others", "not-writable"])
+def test_users_daemon_explains_an_unusable_socket_directory_in_one_line(victim: LocalUser, case: str) -> None:
+    with shared_dir(mode=0o755) as public:  # root's: the victim may not create anything in it
+        folder = public / case
+        if case == "writable-by-others":
+            folder.mkdir()
+            os.chown(folder, victim.uid, victim.gid)
+            folder.chmod(0o777)
+        env = {"HUBD_SOCKET": str(folder / "hubd.sock"), "HUBD_CACHE_DIR": str(victim.home / "never-made")}
+        result = run_as(victim, HUBD_CLI, "serve", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("hubd: error:") and "(hint: " in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    expected = "is writable by others (mode 0777)" if case == "writable-by-others" else "Permission denied"
+    assert expected in result.stderr
+
+
 def test_users_client_refuses_the_attackers_socket_and_never_loads_its_model(
     victim: LocalUser, attacker: LocalUser, fake_server: tuple[subprocess.Popen[str], Path]
 ) -> None:

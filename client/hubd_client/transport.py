@@ -53,7 +53,13 @@ def request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
         connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         data = response.read()
-    except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, socket.gaierror) as exc:
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        ConnectionRefusedError,
+        ConnectionResetError,
+        socket.gaierror,
+    ) as exc:
         raise Unreachable(str(exc)) from None
     except PermissionError as exc:
         raise Unreachable(f"no permission to use the socket: {exc}") from None

@@ -142,8 +142,10 @@ def bind_unix(path: Path, mode: int, group: int | None = None) -> socket.socket:
     except PermissionError:
         sock.close()
         path.unlink(missing_ok=True)
+        name = grp.getgrgid(group).gr_name if group is not None else "?"
         raise BadRequest(
-            f"cannot give the socket {path} to group {group}", "the daemon's user must be a member of socket_group"
+            f"cannot give the socket {path} to group {name}",
+            "the daemon's user must be a member of the socket group (HUBD_SOCKET_GROUP)",
         ) from None
     return sock
 
