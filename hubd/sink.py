@@ -13,7 +13,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from hubd.extract import GzipReader, SafeExtractor, check_trailing
+from hubd.extract import MAX_INFLATE_RATIO, GzipReader, SafeExtractor, check_trailing
 from hubd.tree import TreeManifest
 
 _QUEUE_CHUNKS = 8
@@ -27,9 +27,12 @@ class _Aborted(Exception):
 class StreamingExtraction:
     """Accepts archive chunks with `feed`, unpacks them into `dest` in a worker thread."""
 
-    def __init__(self, dest: Path, max_bytes: int, max_members: int, fsync: bool) -> None:
+    def __init__(
+        self, dest: Path, max_bytes: int, max_members: int, fsync: bool, max_ratio: int = MAX_INFLATE_RATIO
+    ) -> None:
         self.dest = dest
         self._limits = (max_bytes, max_members, fsync)
+        self._max_ratio = max_ratio
         self._loop = asyncio.get_running_loop()
         self._start()
 
@@ -45,7 +48,7 @@ class StreamingExtraction:
     def _run(self) -> None:
         max_bytes, max_members, fsync = self._limits
         extractor = SafeExtractor(self.dest, max_bytes, max_members, fsync)
-        stream = GzipReader(self._next_chunk, max_bytes + max_bytes // 8 + (1 << 20))
+        stream = GzipReader(self._next_chunk, max_bytes + max_bytes // 8 + (1 << 20), self._max_ratio)
         try:
             manifest = extractor.extract_stream(stream)
             trailing = 0
