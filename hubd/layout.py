@@ -60,6 +60,8 @@ def read_version(store: Store) -> int:
 
 def open_layout(store: Store) -> Migration | None:
     """Check the cache's layout version; migrate an older one. Call with the layout directories created."""
+    if (store.root / VERSION_FILE).exists() and read_version(store) == LAYOUT_VERSION:
+        return None  # the common case: nothing to write, so no lock (readers need no write access)
     lock_fd = os.open(store.locks / "layout.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
