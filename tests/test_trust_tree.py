@@ -83,15 +83,16 @@ def attacker_server(attacker: LocalUser, archive: bytes, where: Path) -> Iterato
         proc.wait()
 
 
-@pytest.fixture
-def shared_daemon(settings: Settings, attacker: LocalUser) -> Iterator[tuple[Daemon, Path]]:
-    """A daemon whose socket, in a shared directory, the attacker may use (the socket's group is theirs)."""
-    with shared_dir() as where:
-        daemon = start_daemon(settings, where, env_extra={"HUBD_SOCKET_GROUP": attacker.name})
-        try:
-            yield daemon, where
-        finally:
-            daemon.stop()
+@contextmanager
+def daemon_trusting(settings: Settings, attacker: LocalUser, where: Path, port: int) -> Iterator[Daemon]:
+    """A daemon that allows the attacker's server as an upstream (as it would any allowed host whose content
+    an attacker controls), with its socket in a shared directory and the attacker in the socket's group."""
+    allowed = settings.model_copy(update={"http_hosts": [*settings.http_hosts, f"127.0.0.1:{port}"]})
+    daemon = start_daemon(allowed, where, env_extra={"HUBD_SOCKET_GROUP": attacker.name})
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 def attack(attacker: LocalUser, daemon: Daemon, handle: str) -> dict[str, object]:
@@ -123,22 +124,23 @@ def assert_no_link_leaves(root: Path) -> None:
 
 
 def test_symlink_chain_out_of_the_tree_is_refused(
-    shared_daemon: tuple[Daemon, Path],
     attacker: LocalUser,
     upstream: Upstream,
     models: dict[str, bytes],
     settings: Settings,
 ) -> None:
-    daemon, where = shared_daemon
-    with attacker_server(attacker, hostile.symlink_chain(), where) as port:
+    with (
+        shared_dir() as where,
+        attacker_server(attacker, hostile.symlink_chain(), where) as port,
+        daemon_trusting(settings, attacker, where, port) as daemon,
+    ):
         reply = attack(attacker, daemon, f"http://127.0.0.1:{port}/mallory/chain/1")
+        victim = upstream.publish("reusable")
+        resolved = daemon.request("POST", "/v1/resolve", {"handle": upstream.handle(victim)})
     assert reply["status"] == 422, reply
     error = reply["body"]["error"]  # type: ignore[index]
     assert error["code"] == "unsafe_archive" and "leaves the model directory" in error["message"]
     assert_no_link_leaves(settings.cache_dir / "objects")
-
-    victim = upstream.publish("reusable")
-    resolved = daemon.request("POST", "/v1/resolve", {"handle": upstream.handle(victim)})
     assert resolved.status == 200, resolved.body
     assert resolved.json()["id"] == tree_digest(models["reusable"]).digest()
     assert [p.name for p in (settings.cache_dir / "objects").iterdir()] == [resolved.json()["id"]]
@@ -163,7 +165,7 @@ def forged_twin(files: dict[str, bytes]) -> bytes:
 
 
 def test_forged_twin_of_a_public_model_cannot_take_its_digest(
-    shared_daemon: tuple[Daemon, Path], attacker: LocalUser, upstream: Upstream, settings: Settings
+    attacker: LocalUser, upstream: Upstream, settings: Settings
 ) -> None:
     real_archive, files = victim_model()
     forged = forged_twin(files)
@@ -171,15 +173,18 @@ def test_forged_twin_of_a_public_model_cannot_take_its_digest(
     assert tree_digest(forged).legacy_digest() == real.legacy_digest()  # a true collision under version 1
     assert tree_digest(forged).digest() != real.digest()  # and none under version 2
 
-    daemon, where = shared_daemon
-    with attacker_server(attacker, forged, where) as port:
+    with (
+        shared_dir() as where,
+        attacker_server(attacker, forged, where) as port,
+        daemon_trusting(settings, attacker, where, port) as daemon,
+    ):
         reply = attack(attacker, daemon, f"http://127.0.0.1:{port}/mallory/twin/1")
+        published = list((settings.cache_dir / "objects").iterdir())
+        victim = upstream.publish(real_archive)
+        resolved = daemon.request("POST", "/v1/resolve", {"handle": upstream.handle(victim)})
     assert reply["status"] == 422, reply
     assert "control character" in reply["body"]["error"]["message"]  # type: ignore[index]
-    assert not any((settings.cache_dir / "objects").iterdir())
-
-    victim = upstream.publish(real_archive)
-    resolved = daemon.request("POST", "/v1/resolve", {"handle": upstream.handle(victim)})
+    assert published == []
     assert resolved.status == 200, resolved.body
     assert resolved.json()["id"] == real.digest()
     tree = Path(resolved.json()["path"])
