@@ -231,16 +231,17 @@ def _build(legacy: bool) -> type:
         def _call_loss_if_trainable(self, loss: Any) -> Any:
             return lambda: loss() if self.trainable else 0.0
 
-        def _get_own_losses(self) -> list[Any]:  # Keras 3: `losses` and training read this
-            own: list[Any] = super()._get_own_losses()
-            # as tensorflow_hub's callables under tf_keras: the loss while trainable, else 0.0
-            own.extend(loss() if self.trainable else tf.constant(0.0) for loss in self._regularization_losses)
-            return own
+        if not legacy:
 
-        def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            if not legacy:  # Keras 3 refuses Python lists (and other non-tensors) as positional inputs
-                inputs = self._to_tensors(inputs)
-            return super().__call__(inputs, *args, **kwargs)
+            def _get_own_losses(self) -> list[Any]:  # Keras 3: `losses` and training read this
+                own: list[Any] = super()._get_own_losses()
+                # as tensorflow_hub's callables under tf_keras: the loss while trainable, else 0.0
+                own.extend(loss() if self.trainable else tf.constant(0.0) for loss in self._regularization_losses)
+                return own
+
+            def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                # Keras 3 refuses Python lists (and other non-tensors) as positional inputs
+                return super().__call__(self._to_tensors(inputs), *args, **kwargs)
 
         def _to_tensors(self, inputs: Any) -> Any:
             """Python lists, scalars and NumPy arrays become tensors of the dtype the SavedModel takes."""
