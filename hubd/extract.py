@@ -280,6 +280,8 @@ class SafeExtractor:
         name = self._safe_name(member.name)
         if name is None:  # the archive's root directory itself
             return
+        if member.issym():
+            self._check_link_target(name, member.linkname)
         self._second_opinion(member)
         if member.isdir():
             self._ensure_dir(name, member.name)
@@ -294,7 +296,6 @@ class SafeExtractor:
         if member.isreg():
             self._write_file(archive, member, name)
         elif member.issym():
-            self._check_link_target(name, member.linkname)
             self._ensure_dir(posixpath.dirname(name), member.name)
             self._deferred_links.append((name, member.linkname))
             self.manifest.symlinks[name] = member.linkname
