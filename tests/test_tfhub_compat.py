@@ -4,7 +4,7 @@ Every scenario runs on local SavedModel directories (tensorflow_hub loads those 
 one process: once with `hub = tensorflow_hub` (whose layer is always tf_keras's) and once with
 `hub = hubd_client`. Two processes, since the Keras flavour is fixed when TensorFlow is imported: tf_keras
 (TF_USE_LEGACY_KERAS=1), where hubd_client must give the same result, and Keras 3, where it must too except
-for the differences KERAS3_DIFFERS lists (and docs/compatibility.md explains). A result is the scenario's
+for the differences KERAS3_DIFFERS lists (and the README explains). A result is the scenario's
 return value, or the exception's type and message, plus what was logged through absl.
 """
 
@@ -458,7 +458,7 @@ def run_scenarios(models_dir: str, out_file: str) -> None:
 # -- the tests ------------------------------------------------------------------------------------------------
 
 DIFFERS: dict[tuple[str, str], Any] = {
-    # (flavour, scenario): hubd_client's result where it differs from tensorflow_hub's; docs/compatibility.md
+    # (flavour, scenario): hubd_client's result where it differs from tensorflow_hub's; the README
     # says why. Under tf_keras, tensorflow_hub raises NotImplementedError (its placeholder is float32).
     ("tf_keras", "compute_output_shape_of_a_string_model"): {"returns": [None, 8], "logged": []},
     ("keras3", "compute_output_shape_of_a_string_model"): {"returns": [None, 8], "logged": []},
@@ -544,5 +544,5 @@ def test_same_behaviour_as_tensorflow_hub(compared: tuple[str, dict[str, Any]], 
     if expected is None:
         assert ours == theirs, results[name]["hubd"].get("trace", "")
     else:
-        assert ours != theirs, "now the same as tensorflow_hub: drop it from DIFFERS and docs/compatibility.md"
+        assert ours != theirs, "now the same as tensorflow_hub: drop it from DIFFERS and the README"
         assert {k: ours.get(k) for k in expected} == expected, ours

@@ -8,7 +8,7 @@ line for line (attribute names, errors, logging, shapes); under Keras 3 it also 
 or mis-type on its own: Python lists as inputs, and models whose input is not float (the SavedModel's traced
 input signature gives the layer's input dtype, so `Sequential([embed, ...])` builds with a string input).
 The SavedModel's own tf.Variables become the layer's weights (no copies), so fine-tuning changes the loaded
-object and it can be re-exported. docs/compatibility.md lists every difference from tensorflow_hub.
+object and it can be re-exported. the README lists every difference from tensorflow_hub.
 """
 
 from __future__ import annotations
