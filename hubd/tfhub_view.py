@@ -16,8 +16,9 @@ import os
 import secrets
 from pathlib import Path
 
+from hubd_client.handles import AnyHost, parse_handle
+
 from hubd.errors import HubdError
-from hubd.handles import AnyHost, parse_handle
 from hubd.store import Ref, Store
 
 VIEW_DIR = "tfhub_modules"

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.config import Settings
 from hubd.extract import GzipReader, SafeExtractor
-from hubd.handles import AnyHost, parse_handle
 from hubd.index import Index
 from hubd.layout import LAYOUT_VERSION, VERSION_FILE, LayoutTooNew
 from hubd.store import ObjectMeta, Ref, Store

@@ -113,14 +113,16 @@ def test_hubd_tfhub_env_var_plugs_in_without_code_changes(
 
 
 def test_an_editable_install_ships_the_tfhub_hook(tmp_path: Path) -> None:
-    """`pip install -e .` installs hubd_client.pth too, so HUBD_TFHUB=1 works from a development checkout."""
+    """`pip install -e ./client` installs hubd_client.pth too: HUBD_TFHUB=1 works from a development checkout."""
     import sysconfig
 
     prefix = tmp_path / "prefix"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed"]
-    subprocess.run([*pip, "--prefix", str(prefix), "-e", str(REPO)], check=True, capture_output=True, timeout=240)
+    subprocess.run(
+        [*pip, "--prefix", str(prefix), "-e", str(REPO / "client")], check=True, capture_output=True, timeout=240
+    )
     site_dir = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
-    assert (site_dir / "hubd_client.pth").read_text() == (REPO / "hubd_client.pth").read_text()
+    assert (site_dir / "hubd_client.pth").read_text() == (REPO / "client" / "hubd_client.pth").read_text()
     # the interpreter's start-up processing of that site directory, then: is the import hook in place?
     code = (
         "import site, sys; site.addsitedir(sys.argv[1]);"

@@ -72,7 +72,8 @@ def test_without_a_daemon_the_cli_refuses_a_cache_it_does_not_own(tmp_path: Path
 
 
 def test_the_installed_package_is_complete(tmp_path: Path) -> None:
-    """Import every module from the installed distribution, not from this checkout."""
+    """Import every module from the installed distributions (hubd, and hubd-client from client/), not from this
+    checkout; each package comes from its own distribution."""
     modules = [
         f"{package}.{path.stem}" if path.stem != "__init__" else package
         for package, folder in (
@@ -84,9 +85,21 @@ def test_the_installed_package_is_complete(tmp_path: Path) -> None:
         if path.stem != "__main__"
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    code = "import importlib, sys, hubd; [importlib.import_module(m) for m in sys.argv[1:]]; print(hubd.__file__)"
+    code = (
+        "import importlib, sys, importlib.metadata as md\n"
+        "[importlib.import_module(m) for m in sys.argv[1:]]\n"
+        "tops = lambda d: sorted({f.parts[0] for f in md.files(d) or [] if f.parts[0] != '..'})\n"
+        "print(' '.join(tops('hubd')))\n"
+        "print(' '.join(tops('hubd-client')))\n"
+        "print(md.version('hubd'), md.version('hubd-client'), *md.requires('hubd') or [])"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code, *modules], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert "site-packages" in result.stdout or ".egg-link" in result.stdout or "__editable__" in result.stdout
+    hubd_files, client_files, versions = result.stdout.splitlines()
+    assert not [name for name in hubd_files.split() if name.startswith("hubd_client")], hubd_files
+    assert "hubd_client.pth" in client_files.split(), client_files  # the HUBD_TFHUB=1 hook belongs to the client
+    hubd_version, client_version, *requires = versions.split()
+    assert hubd_version == client_version
+    assert f"hubd-client=={client_version}" in requires, versions

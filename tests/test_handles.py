@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hubd_client.handles import check_redirect, kaggle_canonical_from_url, parse_handle
 
 from hubd.errors import BadHandle, DisallowedHost
-from hubd.handles import check_redirect, kaggle_canonical_from_url, parse_handle
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hubd_client.handles import Source
 
 from hubd.config import Settings
-from hubd.handles import Source
 from hubd.store import Ref, Store
 from tests.conftest import Upstream
 from tests.daemon import Daemon, start_daemon

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import IO, cast
 
 from aiohttp import web
+from hubd_client.handles import handle_from_mirror_path
 from isal import igzip
 
 from hubd.engine import Engine, claim_signature
 from hubd.errors import BadHandle, HubdError
-from hubd.handles import handle_from_mirror_path
 
 MIRROR_ENGINE = web.AppKey("mirror_engine", Engine)
 

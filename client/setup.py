@@ -2,8 +2,9 @@
 
 The .pth line is a no-op unless HUBD_TFHUB=1; then it adds an import hook that plugs hubd into
 tensorflow_hub when (and if) the program imports it. setuptools has no declarative way to install a .pth.
-Both a wheel (`pip install .`) and an editable install (`pip install -e .`) get it: an editable wheel is built
-by `editable_wheel`, which never runs build_py's copy, so that command puts the file into the wheel too.
+Both a wheel (`pip install ./client`) and an editable install (`pip install -e ./client`) get it: an editable
+wheel is built by `editable_wheel`, which never runs build_py's copy, so that command puts the file into the
+wheel too.
 """
 
 import shutil

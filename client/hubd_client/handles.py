@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from hubd.errors import BadHandle, DisallowedHost
+from hubd_client.errors import BadHandle, DisallowedHost
 
 ACCEPTED_FORMS = (
     "https://tfhub.dev/<publisher>/<model>/<version>, "
