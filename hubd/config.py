@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     read_timeout: float = Field(60.0, gt=0, description="Seconds without a byte before a download is retried.")
     retries: int = Field(5, ge=0, description="Retries of a dropped or failed download.")
     backoff_base: float = Field(0.5, ge=0, description="First retry delay; doubles each time, with jitter.")
+    min_rate: int = Field(
+        4096, ge=0, description="Bytes/s a download must average over a window, or it fails (0: no minimum)."
+    )
+    min_rate_window: float = Field(30.0, gt=0, description="Seconds over which HUBD_MIN_RATE is averaged.")
+    max_fetches: int = Field(8, ge=1, description="Downloads running at once; more wait their turn.")
+    max_fetches_per_user: int = Field(4, ge=1, description="Downloads one uid may run at once; more wait.")
     fsync: bool = Field(True, description="fsync published files; off only for throwaway caches.")
 
     socket: Path = Field(default_factory=default_socket, description="Unix socket of the daemon's API.")
@@ -102,7 +108,7 @@ class Settings(BaseSettings):
             raise ValueError("the mirror must be an http:// or https:// URL")
         return value.rstrip("/")
 
-    @field_validator("max_size", "max_extract_bytes", mode="before")
+    @field_validator("max_size", "max_extract_bytes", "min_rate", mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+from hubd_client.handles import AnyHost, Source, kaggle_canonical_from_url, origin, origin_allowed, parse_handle
 
 from hubd.config import Settings
 from hubd.entry import Entry
@@ -34,11 +35,11 @@ from hubd.errors import (
     HubdError,
     NotCached,
     UnknownModel,
+    UpstreamError,
     VerificationFailed,
 )
 from hubd.eviction import GcReport, QuotaExceeded, collect, gc_lock, unevictable_bytes
-from hubd.fetch import Download, FetchResult, ProgressCallback, make_session
-from hubd.handles import AnyHost, Source, kaggle_canonical_from_url, origin, origin_allowed, parse_handle
+from hubd.fetch import Download, FetchResult, ProgressCallback, ResumeSpool, make_session
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
@@ -53,6 +54,8 @@ class _Flight:
 
     task: asyncio.Task[Entry] | None = None
     listeners: list[ProgressCallback] = field(default_factory=list)
+    waiters: int = 0
+    """Callers still awaiting the result: when the last one leaves (a client disconnected), the fetch stops."""
 
     def emit(self, phase: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -85,6 +88,9 @@ class Engine:
         self._index: Index | None = None
         self._session: aiohttp.ClientSession | None = None
         self._flights: dict[str, _Flight] = {}
+        self._fetch_slots = asyncio.Semaphore(settings.max_fetches)
+        self._user_slots: dict[int | None, asyncio.Semaphore] = {}
+        """Per uid (None: callers without one, e.g. over TCP, share a bucket); bounded by the machine's users."""
         self._meta_cache: dict[str, ObjectMeta] = {}
         self.view = TfhubView(self.store) if settings.tfhub_view else None
         self.stats: dict[str, float] = {
@@ -98,9 +104,27 @@ class Engine:
     async def start(self) -> None:
         self.store.ensure_layout()
         self.store.clean_stale_staging()
+        await asyncio.to_thread(self._drop_stale_spools)
         self._index = Index(self.store)
         self._index.rebuild_if_needed()
         await asyncio.to_thread(self._forget_credentials)
+
+    @property
+    def spool_dir(self) -> Path:
+        """Private (0700) home of resume spools: the compressed bytes of interrupted downloads, per handle."""
+        return self.store.root / "partial"
+
+    def _drop_stale_spools(self) -> None:
+        """A spool nobody resumed within SPOOL_MAX_AGE is only taking disk space."""
+        if not self.spool_dir.is_dir():
+            return
+        cutoff = time.time() - SPOOL_MAX_AGE
+        for path in self.spool_dir.iterdir():
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
     def _forget_credentials(self) -> None:
         """Drop what an older hubd stored from handles with credentials or tokens in them (user:pw@, ?token=).
@@ -163,9 +187,16 @@ class Engine:
     # -- resolve ------------------------------------------------------------------------------------
 
     async def resolve(
-        self, handle: str, sha256: str | None = None, on_progress: ProgressCallback | None = None
+        self,
+        handle: str,
+        sha256: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        uid: int | None = None,
     ) -> Entry:
-        """The published entry for `handle`, fetching it once if needed."""
+        """The published entry for `handle`, fetching it once if needed.
+
+        `uid` is the caller's (SO_PEERCRED): a new fetch waits its turn under HUBD_MAX_FETCHES_PER_USER for that
+        uid and HUBD_MAX_FETCHES for everyone; joining a fetch already running costs no slot."""
         source = self.parse(handle)
         if source.kind == "local":
             return _local_entry(source)
@@ -177,7 +208,7 @@ class Engine:
         if self.settings.offline:
             raise self._not_cached(source, "hubd is offline")
         self.stats["misses"] += 1
-        return await self._join_flight(source, sha256, on_progress)
+        return await self._join_flight(source, sha256, on_progress, uid)
 
     def cached_entry(self, source: Source, sha256: str | None = None) -> Entry | None:
         """A verified entry for `source` without touching the network, or None. Broken trees are quarantined."""
@@ -197,24 +228,37 @@ class Engine:
         return self._entry(meta, last_used=time.time())
 
     async def _join_flight(
-        self, source: Source, sha256: str | None, on_progress: ProgressCallback | None
+        self, source: Source, sha256: str | None, on_progress: ProgressCallback | None, uid: int | None
     ) -> Entry:
         key = f"{source.ref_key}:{sha256 or ''}"
         flight = self._flights.get(key)
         if flight is None:
             flight = _Flight()
             self._flights[key] = flight
-            flight.task = asyncio.create_task(self._fetch_locked(source, sha256, flight))
+            flight.task = asyncio.create_task(self._fetch_limited(source, sha256, flight, uid))
             flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
         if on_progress is not None:
             flight.listeners.append(on_progress)
         assert flight.task is not None
+        flight.waiters += 1
         try:
-            # shield: one caller giving up must not cancel a fetch that others are waiting on.
+            # shield: one caller giving up must not cancel a fetch that others are waiting on...
             return await asyncio.shield(flight.task)
         finally:
+            flight.waiters -= 1
             if on_progress is not None and on_progress in flight.listeners:
                 flight.listeners.remove(on_progress)
+            if flight.waiters == 0 and not flight.task.done():
+                flight.task.cancel()  # ...but when the last one has gone, nobody wants the bytes any more
+
+    async def _fetch_limited(self, source: Source, sha256: str | None, flight: _Flight, uid: int | None) -> Entry:
+        """Wait for a slot of the caller's uid, then a global one (in that order, so one user's queue never
+        holds global slots), then fetch. Waiting fetches are reported as phase "queued"."""
+        user = self._user_slots.setdefault(uid, asyncio.Semaphore(self.settings.max_fetches_per_user))
+        if user.locked() or self._fetch_slots.locked():
+            flight.emit("queued", 0, None)
+        async with user, self._fetch_slots:
+            return await self._fetch_locked(source, sha256, flight)
 
     async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         flight.emit("waiting", 0, None)
@@ -241,19 +285,32 @@ class Engine:
         started = time.monotonic()
         staging = self.store.new_staging()
         room = _Room(self)
+        spool = ResumeSpool(self.spool_dir, source.ref_key, url)
         try:
             sink = StreamingExtraction(
                 staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
             )
             try:
                 download = Download(
-                    self._http(), url, sink, self.settings, self.http_hosts, flight.emit, room.check, room.need
+                    self._http(),
+                    url,
+                    sink,
+                    self.settings,
+                    self.http_hosts,
+                    flight.emit,
+                    room.check,
+                    room.need,
+                    spool,
                 )
                 result = await download.run()
                 manifest = await sink.finish()
-            except BaseException:
+            except BaseException as exc:
+                spool.close()
+                if not isinstance(exc, UpstreamError | asyncio.CancelledError):  # kept only to be resumed
+                    await asyncio.to_thread(spool.discard)
                 await sink.abort()
                 raise
+            await asyncio.to_thread(spool.discard)  # the archive is whole: what follows never needs it again
             self.stats["fetches"] += 1
             self.stats["bytes_fetched"] += result.size
             flight.emit("verify", 0, None)
@@ -515,6 +572,10 @@ class Engine:
             if entry.state == "ok":
                 return True
         return False
+
+
+SPOOL_MAX_AGE = 7 * 86400
+"""Seconds an interrupted download's spool is kept for a resume."""
 
 
 class _Room:

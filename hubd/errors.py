@@ -77,6 +77,18 @@ class UpstreamError(HubdError):
     http_status = 502
 
 
+class TooManyRedirects(UpstreamError):
+    """The upstream redirected in a loop or too deep: its fault, not the request's."""
+
+    code = "too_many_redirects"
+
+
+class UpstreamTooSlow(UpstreamError):
+    """The upstream sent less than the minimum rate (HUBD_MIN_RATE) over a whole window."""
+
+    code = "upstream_too_slow"
+
+
 class DisallowedHost(HubdError):
     code = "disallowed_host"
     http_status = 400

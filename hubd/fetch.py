@@ -1,35 +1,46 @@
 """Streaming HTTP download with redirects checked hop by hop, retries with backoff, and Range resume.
 
 It knows nothing of tar: bytes go to a `ChunkSink` as they arrive, the sha256 of the archive is computed on
-the way, and progress is reported through a callback.
+the way, and progress is reported through a callback. Every download is bounded: a byte budget, a minimum rate,
+and no reading past the archive's end once the sink says it has all it needs. A `ResumeSpool` keeps the bytes
+received so far on disk, so a download cut by a restart continues with Range + If-Range instead of from zero.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 from urllib.parse import urljoin
 
 import aiohttp
+from hubd_client.handles import check_redirect
 
 from hubd.config import Settings
-from hubd.errors import DisallowedHost, NotFoundUpstream, UpstreamError
-from hubd.handles import check_redirect
+from hubd.errors import ArchiveTooLarge, NotFoundUpstream, TooManyRedirects, UpstreamError, UpstreamTooSlow
+from hubd.progress import human_bytes
 
 _READ_CHUNK = 1 << 20
 _MAX_REDIRECTS = 10
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+_BUDGET_SLACK = 2 << 20
+"""Compressed bytes beyond the extraction cap's own allowance: the gzip trailer and padding after the tar."""
 
 ProgressCallback = Callable[[str, int, int | None], None]
 
 
 class ChunkSink(Protocol):
-    async def feed(self, chunk: bytes) -> None: ...
+    async def feed(self, chunk: bytes) -> bool:
+        """Take a chunk; False once the archive is complete and no more bytes are wanted."""
+        ...
 
     async def restart(self) -> None: ...
 
@@ -43,6 +54,10 @@ class FetchResult:
     """Every URL the download went through, the first one included."""
     resumes: int = 0
     restarts: int = 0
+    replayed: int = 0
+    """Bytes taken from a resume spool left by an earlier, interrupted download, not from the network."""
+    cut_after_end: bool = False
+    """The upstream kept sending after the archive's end and its allowance; the connection was dropped."""
     hubd_claim: tuple[str, str] | None = None
     """(archive sha256, tree digest) a hubd LAN mirror states for the tree it re-packed."""
     hubd_claim_signature: str = ""
@@ -65,8 +80,129 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def byte_budget(settings: Settings, announced: int | None) -> int:
+    """The most compressed bytes one download may take: what the server announced, and never more than an
+    archive that unpacks within HUBD_MAX_EXTRACT_BYTES can be (incompressible data grows by well under 1/8)."""
+    cap = settings.max_extract_bytes + settings.max_extract_bytes // 8 + _BUDGET_SLACK
+    return min(announced, cap) if announced is not None else cap
+
+
+@dataclass
+class SpoolState:
+    """What a resume spool's sidecar records: enough to ask the same server for the rest of the same file."""
+
+    url: str
+    resume_url: str
+    validator: str
+    total: int | None
+    length: int = 0
+
+
+class ResumeSpool:
+    """The compressed bytes of one handle's download so far, written beside the streaming extraction.
+
+    A download cut by a restart leaves `<key>.part` and its `<key>.json` sidecar (url, the URL to resume from,
+    ETag or Last-Modified, announced size). The next download of that handle replays the part through a fresh
+    extraction at disk speed (hash states cannot be saved, so the bytes are hashed again) and asks only for the
+    rest, with If-Range so a changed upstream answers with the whole new file. Only one download of a handle runs
+    at a time (the engine's per-handle flock), so the files need no lock of their own. Only servers that accept
+    ranges and give a validator are spooled: nothing could be resumed from the others."""
+
+    def __init__(self, directory: Path, key: str, url: str) -> None:
+        self.directory = directory
+        self.data = directory / f"{key}.part"
+        self.sidecar = directory / f"{key}.json"
+        self.url = url
+        self._fd: int | None = None
+
+    def load(self) -> SpoolState | None:
+        """The spool an earlier download of the same URL left, or None (and whatever else was there is dropped)."""
+        try:
+            raw = json.loads(self.sidecar.read_text())
+            state = SpoolState(str(raw["url"]), str(raw["resume_url"]), str(raw["validator"]), raw.get("total"), 0)
+            state.length = self.data.stat().st_size
+        except (OSError, ValueError, KeyError, TypeError):
+            self.discard()
+            return None
+        if state.url != self.url or not state.length or (state.total is not None and state.length > state.total):
+            self.discard()
+            return None
+        return state
+
+    def begin(self, state: SpoolState) -> None:
+        """Start a new spool for a fresh (HTTP 200) body."""
+        self.discard()
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        payload = {"url": state.url, "resume_url": state.resume_url, "validator": state.validator}
+        temp = self.sidecar.with_suffix(".tmp")
+        temp.write_text(json.dumps({**payload, "total": state.total}))
+        os.replace(temp, self.sidecar)
+        self._fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def reopen(self, length: int) -> None:
+        """Append to an existing spool from `length` on (what was replayed into the extraction)."""
+        self.close()
+        self._fd = os.open(self.data, os.O_WRONLY | os.O_CLOEXEC)
+        os.ftruncate(self._fd, length)
+        os.lseek(self._fd, length, os.SEEK_SET)
+
+    def write(self, chunk: bytes) -> None:
+        if self._fd is None:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def open_part(self) -> BinaryIO:
+        return open(self.data, "rb")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        self.close()
+        for path in (self.data, self.sidecar):
+            with suppress(FileNotFoundError):
+                path.unlink()
+
+
+class _RateGuard:
+    """Fails a download whose bytes over the last full window fall below the minimum rate (HUBD_MIN_RATE)."""
+
+    def __init__(self, min_rate: int, window: float) -> None:
+        self.min_rate = min_rate
+        self.window = window
+        self._start = time.monotonic()
+        self._start_bytes = 0
+
+    def restart(self, received: int) -> None:
+        self._start, self._start_bytes = time.monotonic(), received
+
+    def timeout(self) -> float | None:
+        """Seconds until the current window must be judged (None: no minimum rate)."""
+        if self.min_rate <= 0:
+            return None
+        return max(0.0, self._start + self.window - time.monotonic())
+
+    def judge(self, received: int, url: str) -> None:
+        """At the end of a window: refuse if too slow, else open the next window."""
+        if self.min_rate <= 0 or time.monotonic() - self._start < self.window:
+            return
+        got = received - self._start_bytes
+        if got < self.min_rate * self.window:
+            raise UpstreamTooSlow(
+                f"{url} sent {human_bytes(got)} in the last {self.window:g} s, below the minimum of "
+                f"{human_bytes(self.min_rate)}/s; the download was stopped (what arrived is kept for a resume)",
+                "try again later or from a faster network; an admin can lower HUBD_MIN_RATE or lengthen "
+                "HUBD_MIN_RATE_WINDOW",
+            )
+        self.restart(received)
+
+
 class Download:
-    """One archive download, resumable across dropped connections."""
+    """One archive download, resumable across dropped connections and, with a spool, across restarts."""
 
     def __init__(
         self,
@@ -78,6 +214,7 @@ class Download:
         on_progress: ProgressCallback | None = None,
         on_size: Callable[[int], Awaitable[None]] | None = None,
         on_bytes: Callable[[int], Awaitable[None]] | None = None,
+        spool: ResumeSpool | None = None,
     ) -> None:
         self.session = session
         self.on_size = on_size
@@ -91,16 +228,21 @@ class Download:
         self.settings = settings
         self.http_hosts = http_hosts
         self.on_progress = on_progress or (lambda phase, done, total: None)
+        self.spool = spool
         self._hash = hashlib.sha256()
         self._received = 0
         self._total: int | None = None
         self._validator: str | None = None
         self._resume_url: str | None = None
+        self._complete = False
+        self._rate = _RateGuard(settings.min_rate, settings.min_rate_window)
         self._result = FetchResult("", 0, url)
 
     async def run(self) -> FetchResult:
+        if self.spool is not None:
+            await self._replay(self.spool)
         attempt = 0
-        while True:
+        while not self._complete:
             try:
                 await self._attempt()
                 break
@@ -113,9 +255,33 @@ class Download:
                     ) from None
                 delay = self.settings.backoff_base * (2 ** (attempt - 1))
                 await asyncio.sleep(delay * (0.5 + random.random()))  # jitter spreads a herd of retries
+        if self.spool is not None:
+            self.spool.close()
         self._result.sha256 = self._hash.hexdigest()
         self._result.size = self._received
         return self._result
+
+    async def _replay(self, spool: ResumeSpool) -> None:
+        """Feed what an interrupted download left on disk, then continue from its end."""
+        state = await asyncio.to_thread(spool.load)
+        if state is None:
+            return
+        self._validator, self._resume_url, self._total = state.validator, state.resume_url, state.total
+        if self._total is not None and self.on_size is not None:
+            await self.on_size(self._total)
+        self.on_progress("resume", 0, state.length)
+        with spool.open_part() as part:
+            while self._received < state.length:
+                chunk = await asyncio.to_thread(part.read, min(_READ_CHUNK, state.length - self._received))
+                if not chunk:
+                    break
+                await self._take(chunk)
+                if self._complete:
+                    break
+        self._result.replayed = self._received
+        await asyncio.to_thread(spool.reopen, self._received)
+        if self._total is not None and self._received >= self._total:
+            self._complete = True  # cut after the last byte arrived: nothing left to ask for
 
     async def _attempt(self) -> None:
         resuming = self._received > 0 and self._resume_url is not None
@@ -133,8 +299,10 @@ class Download:
                     if self._received:
                         await self._start_over()
                     self._remember(response)
-                    if self._total is not None and self.on_size is not None:
-                        await self.on_size(self._total)
+                    if self._total is not None:
+                        self._check_budget(self._total, announced=True)
+                        if self.on_size is not None:
+                            await self.on_size(self._total)
                 else:
                     if resuming:  # the resume URL went stale or the server dislikes our Range: go again
                         await self._start_over()
@@ -158,7 +326,10 @@ class Download:
                 continue
             self._result.final_url = url
             return response
-        raise DisallowedHost(f"too many redirects from {self.url}", "the upstream server is misconfigured")
+        raise TooManyRedirects(
+            f"{self.url} redirected more than {_MAX_REDIRECTS} times (last to {url})",
+            "the upstream server is misconfigured (a redirect loop?); try again later or use a mirror",
+        )
 
     def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
@@ -185,30 +356,74 @@ class Download:
         archive, tree = response.headers.get("X-Hubd-Archive-Sha256"), response.headers.get("X-Hubd-Tree-Digest")
         self._result.hubd_claim = (archive, tree) if archive and tree else None
         self._result.hubd_claim_signature = response.headers.get("X-Hubd-Claim-Signature", "")
+        if self.spool is not None:
+            if self._resume_url and self._validator:
+                state = SpoolState(self.url, self._resume_url, self._validator, self._total)
+                self.spool.begin(state)
+            else:
+                self.spool.discard()  # nothing could resume it: do not write it at all
 
     def _range_matches(self, response: aiohttp.ClientResponse) -> bool:
         content_range = response.headers.get("Content-Range", "")
         return content_range.startswith(f"bytes {self._received}-")
 
+    def _check_budget(self, size: int, announced: bool = False) -> None:
+        budget = byte_budget(self.settings, None if announced else self._total)
+        if size > budget:
+            what = "announces" if announced else "has sent"
+            raise ArchiveTooLarge(
+                f"{self.url} {what} {human_bytes(size)}, more than an archive that unpacks within the cap of "
+                f"{human_bytes(self.settings.max_extract_bytes)} can be; the download was stopped",
+                "raise HUBD_MAX_EXTRACT_BYTES if this model really is that large",
+            )
+
     async def _start_over(self) -> None:
         self._hash = hashlib.sha256()
         self._received = 0
         self._result.restarts += 1
+        if self.spool is not None:
+            self.spool.discard()
         await self.sink.restart()
+
+    async def _take(self, chunk: bytes) -> None:
+        """Account for, hash and hand over one chunk; sets `_complete` when the sink wants no more."""
+        if self.on_bytes is not None:
+            await self.on_bytes(self._received + len(chunk))
+        self._check_budget(self._received + len(chunk))
+        self._hash.update(chunk)
+        self._received += len(chunk)
+        if not await self.sink.feed(chunk):
+            self._complete = True
 
     async def _copy_body(self, response: aiohttp.ClientResponse) -> None:
         last_report = 0.0
         self.on_progress("download", self._received, self._total)
-        async for chunk in response.content.iter_chunked(_READ_CHUNK):
-            if self.on_bytes is not None:
-                await self.on_bytes(self._received + len(chunk))
-            self._hash.update(chunk)
-            self._received += len(chunk)
-            await self.sink.feed(chunk)
+        self._rate.restart(self._received)
+        while True:
+            deadline = asyncio.timeout(self._rate.timeout())
+            try:
+                async with deadline:
+                    chunk = await response.content.read(_READ_CHUNK)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # aiohttp's own read timeout: retried
+                self._rate.judge(self._received, self.url)  # raises when too slow
+                continue
+            if not chunk:
+                break
+            if self.spool is not None:
+                self.spool.write(chunk)  # into the page cache, well under a millisecond: not worth a thread hop
+            await self._take(chunk)
+            if self._complete:  # the archive ended long ago and the upstream keeps sending: drop it
+                self._result.cut_after_end = True
+                response.close()
+                break
+            self._rate.judge(self._received, self.url)
             now = time.monotonic()
             if now - last_report > 0.1:
                 last_report = now
                 self.on_progress("download", self._received, self._total)
-        if self._total is not None and self._received < self._total:
+        if not self._complete and self._total is not None and self._received < self._total:
             raise _Retryable(f"connection closed after {self._received} of {self._total} bytes")
+        self._complete = True
         self.on_progress("download", self._received, self._total)

@@ -14,11 +14,12 @@ from hubd.manifest import ManifestEntry
 
 
 async def resolve_many(
-    engine: Engine, wanted: Iterable[ManifestEntry], summary: bool = True
+    engine: Engine, wanted: Iterable[ManifestEntry], summary: bool = True, uid: int | None = None
 ) -> AsyncIterator[BaseModel]:
     """Yield progress, then a done or error event per model, then (optionally) a summary.
 
-    The fetches run in their own tasks: a consumer that stops iterating cancels nobody's shared fetch.
+    The fetches run in their own tasks. A consumer that stops iterating (and closes the generator) withdraws
+    from its fetches; a fetch stops only when nobody else waits for it (see `Engine.resolve`).
     """
     events: asyncio.Queue[BaseModel | None] = asyncio.Queue()
     limit = asyncio.Semaphore(engine.settings.prefetch_concurrency)
@@ -35,7 +36,7 @@ async def resolve_many(
 
         async with limit:
             try:
-                entry = await engine.resolve(item.handle, sha256=item.sha256, on_progress=progress)
+                entry = await engine.resolve(item.handle, sha256=item.sha256, on_progress=progress, uid=uid)
                 if item.pin:
                     engine.pin(entry.id, item.name or item.handle)
                 events.put_nowait(DoneEvent(event="done", handle=item.handle, entry=entry))
@@ -54,6 +55,10 @@ async def resolve_many(
             events.put_nowait(None)
 
     worker = asyncio.create_task(run_all())
-    while (event := await events.get()) is not None:
-        yield event
-    await worker
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+        await worker
+    finally:
+        # The consumer left (a client disconnected): its fetches lose a waiter, and stop if it was the last.
+        worker.cancel()

@@ -13,7 +13,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from hubd.extract import MAX_INFLATE_RATIO, GzipReader, SafeExtractor, check_trailing
+from hubd.extract import MAX_INFLATE_RATIO, TRAILING_ALLOWANCE, GzipReader, SafeExtractor, check_trailing
 from hubd.tree import TreeManifest
 
 _QUEUE_CHUNKS = 8
@@ -40,6 +40,7 @@ class StreamingExtraction:
         self.dest.mkdir(mode=0o700, parents=True, exist_ok=False)
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._saw_eof = False
+        self._stopped = False
         self._slots = asyncio.Semaphore(_QUEUE_CHUNKS)
         self._done: asyncio.Future[TreeManifest] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="hubd-extract", daemon=True)
@@ -52,9 +53,8 @@ class StreamingExtraction:
         try:
             manifest = extractor.extract_stream(stream)
             trailing = 0
-            while not self._saw_eof:  # drain padding after the tar's end, up to an allowance
+            while not self._saw_eof and trailing <= TRAILING_ALLOWANCE:  # padding after the tar's end
                 trailing += len(self._next_chunk())
-                check_trailing(trailing)
         except _Aborted:
             self._loop.call_soon_threadsafe(self._settle, None, None)
         except BaseException as exc:  # handed to the event loop, re-raised by feed()/finish()
@@ -85,14 +85,20 @@ class StreamingExtraction:
         for _ in range(_QUEUE_CHUNKS):
             self._slots.release()
 
-    async def feed(self, chunk: bytes) -> None:
+    async def feed(self, chunk: bytes) -> bool:
+        """Hand a chunk to the extractor. False once the archive has ended and the padding allowed after it is
+        used up: the caller stops reading (the archive is complete) and feeding more is refused."""
+        if self._stopped:
+            check_trailing(TRAILING_ALLOWANCE + len(chunk))  # told to stop, yet more came: refused
         if not chunk:
-            return
+            return True
         await self._slots.acquire()
         if self._done.done():
             self._done.result()  # raises the extractor's error
-            return  # the tar ended before the stream did: the rest is padding
+            self._stopped = True
+            return False
         self._queue.put_nowait(chunk)
+        return True
 
     async def finish(self) -> TreeManifest:
         """Signal the end of the archive and wait for the extractor's manifest."""

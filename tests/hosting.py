@@ -30,6 +30,10 @@ class Behaviour:
     redirect_to: str | None = None
     html_200: bool = False
     status: int | None = None
+    trailing_junk: int = 0
+    """Send this many zero bytes after the archive, chunked (no Content-Length), as a broken proxy might."""
+    pause_after: int | None = None
+    """Stop after this many bytes of the first response until the test calls `release(path)`."""
 
 
 class HostingServer:
@@ -41,6 +45,9 @@ class HostingServer:
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.range_requests: collections.Counter[str] = collections.Counter()
+        self.disconnects: collections.Counter[str] = collections.Counter()
+        """Responses the client closed before their end (the server noticed on its next write)."""
+        self._released: dict[str, asyncio.Event] = {}
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -64,6 +71,7 @@ class HostingServer:
             self.bytes_sent.clear()
             self.requests.clear()
             self.range_requests.clear()
+            self.disconnects.clear()
 
     def wait_requests(self, path: str, at_least: int, timeout: float = 30.0) -> bool:
         with self._cond:
@@ -72,6 +80,15 @@ class HostingServer:
     def wait_sent(self, path: str, at_least: int, timeout: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.bytes_sent[path.strip("/")] >= at_least, timeout)
+
+    def wait_disconnects(self, path: str, at_least: int = 1, timeout: float = 30.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.disconnects[path.strip("/")] >= at_least, timeout)
+
+    def release(self, path: str) -> None:
+        """Let a response paused by `Behaviour.pause_after` go on."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._released.setdefault(path.strip("/"), asyncio.Event()).set)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -150,13 +167,23 @@ class HostingServer:
                     self.range_requests[path] += 1
         response.headers["ETag"] = etag
         response.content_type = "application/x-tar"
-        response.content_length = len(data) - start
+        if behaviour.trailing_junk:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(data) - start
         await response.prepare(request)
         limit: int | None = None
         if behaviour.drop_after is not None and behaviour.drops > 0:
             behaviour.drops -= 1
             limit = behaviour.drop_after
-        await self._stream(request, response, path, data[start:], behaviour, limit)
+        try:
+            await self._stream(request, response, path, data[start:], behaviour, limit)
+        except (ConnectionError, asyncio.CancelledError):
+            if limit is None:
+                with self._cond:
+                    self.disconnects[path] += 1
+                    self._cond.notify_all()
+            raise
         return response
 
     async def _stream(
@@ -170,7 +197,16 @@ class HostingServer:
     ) -> None:
         chunk = behaviour.throttle_chunk or 256 * 1024
         sent = 0
+        pause_at = behaviour.pause_after
+        behaviour.pause_after = None  # the first response only
         while sent < len(body):
+            if pause_at is not None and sent + chunk > pause_at:
+                if sent < pause_at:
+                    await response.write(body[sent:pause_at])
+                    self._count(path, pause_at - sent)
+                    sent = pause_at
+                await self._released.setdefault(path, asyncio.Event()).wait()
+                pause_at = None
             piece = body[sent : sent + chunk]
             if limit is not None and sent + len(piece) > limit:
                 piece = piece[: max(0, limit - sent)]
@@ -185,6 +221,12 @@ class HostingServer:
             self._count(path, len(piece))
             if behaviour.throttle_delay:
                 await asyncio.sleep(behaviour.throttle_delay)  # the server's pace, not test synchronisation
+        junk, zeros = behaviour.trailing_junk, bytes(chunk)
+        while junk > 0:
+            piece = zeros[:junk]
+            await response.write(piece)
+            self._count(path, len(piece))
+            junk -= len(piece)
         await response.write_eof()
 
     def _count(self, path: str, size: int) -> None:

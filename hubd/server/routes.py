@@ -30,7 +30,7 @@ from hubd.server.api import (
     VerifyResponse,
     VerifyResult,
 )
-from hubd.server.guards import AdminPolicy
+from hubd.server.guards import AdminPolicy, peer_creds, peer_socket
 from hubd.server.metrics import Metrics
 
 M = TypeVar("M", bound=BaseModel)
@@ -103,7 +103,8 @@ def _remote_only(handle: str) -> None:
 async def resolve(request: web.Request) -> web.Response:
     body = await parse_body(request, ResolveRequest)
     _remote_only(body.handle)
-    entry = await _engine(request).resolve(body.handle, sha256=body.sha256)
+    uid = peer_creds(sock)[1] if (sock := peer_socket(request)) else None
+    entry = await _engine(request).resolve(body.handle, sha256=body.sha256, uid=uid)
     return json_response(entry)
 
 
@@ -134,9 +135,10 @@ async def _stream_resolves(
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     connected = True
-    async for event in resolve_many(_engine(request), wanted, summary=summary):
+    uid = peer_creds(sock)[1] if (sock := peer_socket(request)) else None
+    async for event in resolve_many(_engine(request), wanted, summary=summary, uid=uid):
         if not connected:
-            continue
+            break  # nobody reads: withdraw from the fetches (each stops unless someone else waits for it)
         try:
             await response.write(event.model_dump_json().encode() + b"\n")
         except (ConnectionResetError, RuntimeError):
