@@ -10,14 +10,33 @@ loaded.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from hubd_client.errors import DaemonUnavailable, HubdClientError
-from hubd_client.resolver import resolve
-from hubd_client.tfhub_plugin import install_tfhub
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing alone costs a process ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["DaemonUnavailable", "HubdClientError", "KerasLayer", "install_tfhub", "load", "resolve"]
+
+
+def resolve(handle: str) -> str:
+    """`tensorflow_hub.resolve`: the local directory of `handle`, from the daemon (or the cache when none runs).
+
+    The resolver, its HTTP transport and the handle parser are imported on the first call, so that
+    `import hubd_client` stays cheap (bench/bench_import.py).
+    """
+    from hubd_client.resolver import resolve as resolve_handle
+
+    return resolve_handle(handle)
+
+
+def install_tfhub() -> None:
+    """Register hubd with tensorflow_hub (imports it). Safe to call more than once."""
+    from hubd_client.tfhub_plugin import install_tfhub as install
+
+    install()
 
 
 def load(handle: str, tags: Any = None, options: Any = None) -> Any:
