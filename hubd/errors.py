@@ -5,28 +5,10 @@ They are raised where the fact is known and rendered once, at the shell (CLI lin
 
 from __future__ import annotations
 
-
-class HubdError(Exception):
-    """Base of every error hubd reports to a user."""
-
-    code = "internal"
-    http_status = 500
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def as_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message, "hint": self.hint}
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
-
-
-class BadHandle(HubdError):
-    code = "bad_handle"
-    http_status = 400
+# The base and the handle errors are the client package's (its handle parser raises them), re-exported here.
+from hubd_client.errors import BadHandle as BadHandle
+from hubd_client.errors import DisallowedHost as DisallowedHost
+from hubd_client.errors import HubdError as HubdError
 
 
 class BadRequest(HubdError):
@@ -87,11 +69,6 @@ class UpstreamTooSlow(UpstreamError):
     """The upstream sent less than the minimum rate (HUBD_MIN_RATE) over a whole window."""
 
     code = "upstream_too_slow"
-
-
-class DisallowedHost(HubdError):
-    code = "disallowed_host"
-    http_status = 400
 
 
 class DiskFull(HubdError):
