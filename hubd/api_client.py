@@ -10,11 +10,11 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-
-from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import HubdError
-from hubd.paths import UntrustedSocket, connect_checked
+from hubd_client.paths import UntrustedSocket, connect_checked
+
+from hubd.config import Settings
 
 
 class UntrustedDaemonSocket(HubdError):

@@ -17,16 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from hubd import __version__
-from hubd.api_client import DaemonClient, error_from
-from hubd.config import Settings, load_settings
 from hubd.engine import Engine
 from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, UnknownModel
-from hubd.handles import parse_handle
 from hubd.manifest import load_manifest
 from hubd.prefetch import resolve_many
 from hubd.progress import ProgressBar, ProgressBoard, human_bytes
+from hubd_client.handles import parse_handle
+
+from hubd import __version__
+from hubd.api_client import DaemonClient, error_from
+from hubd.config import Settings, load_settings
 
 _ID_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+from hubd.errors import BadRequest
+from hubd_client.paths import default_cache_dir, default_socket
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -19,9 +21,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from pydantic_settings.exceptions import SettingsError
-
-from hubd.errors import BadRequest
-from hubd.paths import default_cache_dir, default_socket
 
 #: Hosts a download may be redirected to by default: the public hubs and the storage they redirect to.
 DEFAULT_ALLOWED_HOSTS = (

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from hubd.handles import parse_handle
 from hubd_client import transport
 from hubd_client.errors import DaemonUnavailable, HubdClientError
+from hubd_client.handles import parse_handle
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hubd.paths import UntrustedSocket, connect_checked, default_socket
+from hubd_client.paths import UntrustedSocket, connect_checked, default_socket
 
 TIMEOUT = float(os.environ.get("HUBD_CLIENT_TIMEOUT", "3600"))
 

@@ -13,16 +13,16 @@ import stat
 from pathlib import Path
 
 from aiohttp import web
-
-from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import BadRequest
-from hubd.paths import is_system_daemon, socket_dir_problem
 from hubd.server.app import create_app
 from hubd.server.guards import AdminPolicy
 from hubd.server.mirror import create_mirror_app
 from hubd.server.systemd import inherited_sockets, notify
 from hubd.watch import Watchers
+from hubd_client.paths import is_system_daemon, socket_dir_problem
+
+from hubd.config import Settings
 
 log = logging.getLogger("hubd")
 #: Members may use the system daemon's socket (systemd/hubd.socket's SocketGroup).
