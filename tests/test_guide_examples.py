@@ -238,7 +238,7 @@ def guide_run(
 
     flavour: str = request.param
     if flavour == "plugged" and not (Path(sysconfig.get_path("purelib")) / "hubd_client.pth").is_file():
-        pytest.fail("hubd_client.pth is not in site-packages: reinstall hubd (`pip install -e .` installs it too)")
+        pytest.fail("hubd_client.pth is not in site-packages: reinstall hubd-client: `pip install -e ./client`")
     work = tmp_path_factory.mktemp(f"guide-{flavour}")
     settings = Settings(
         cache_dir=work / "cache",

@@ -5,7 +5,7 @@
 Under Keras 3 (no TF_USE_LEGACY_KERAS) it also puts hubd's KerasLayer in place of tensorflow_hub's, whose
 tf_keras layer no Keras 3 model accepts; under tf_keras, tensorflow_hub's own layer stays (it works there).
 With `HUBD_TFHUB=1` in the environment this happens by itself when tensorflow_hub is imported: the
-`hubd_client.pth` file installed beside the package (by `pip install .` and `pip install -e .` alike) adds an
+`hubd_client.pth` file installed beside the package (by `pip install ./client`, editable or not) adds an
 import hook, and nothing else, at start-up.
 """
 
