@@ -220,3 +220,24 @@ def test_fetches_past_the_global_limit_queue(settings: Settings, upstream: Upstr
         assert upstream.requests(queued) == 1
     finally:
         daemon.stop()
+
+
+def test_a_fetch_a_watched_manifest_wants_goes_on_when_its_http_requester_leaves(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    archive = upstream.models["large_4mb"]
+    path = upstream.publish(archive, Behaviour(throttle_chunk=32 * 1024, throttle_delay=0.02))  # ~1.6 MB/s
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(f'[[model]]\nhandle = "{tfhub(path)}"\n')
+    daemon = start_daemon(settings, tmp_path, "--manifest", str(manifest))
+    try:
+        assert upstream.server.wait_sent(path, 64 * 1024)  # the manifest's fetch is running
+        leaving = _send_pull(daemon, tfhub(path))  # joins that fetch...
+        _read_until(leaving, b'"phase":"download"')
+        leaving.close()  # ...and leaves it
+        reply = daemon.request("POST", "/v1/resolve", {"handle": tfhub(path)})
+    finally:
+        daemon.stop()
+    assert reply.status == 200, reply.body
+    assert upstream.server.disconnects[path] == 0
+    assert upstream.bytes_sent(path) == len(archive) and upstream.requests(path) == 1
