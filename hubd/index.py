@@ -3,68 +3,184 @@
 It is derived, never the source of truth: refs and meta files in the store are. When the index is lost, or
 its database is corrupt, it is rebuilt from them; only `last_used` cannot be recovered and restarts at the
 fetch time. diskcache is SQLite underneath, so several processes may update it at once.
+
+Nothing the index does can fail a request. Every operation is guarded: a database error (corrupt, deleted,
+replaced, full disk) is logged once, the index is rebuilt from the files and the operation retried; if that
+fails too, the operation is skipped (a write) or answers "unknown" (a read). SQLite keeps using a database file
+that was deleted or overwritten under an open connection, so writes first check that the file on disk is
+still the one opened and still an SQLite database.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import diskcache
 
-from hubd.store import ObjectMeta, Store
+from hubd.store import FAULT_INJECTION, ObjectMeta, Store, fault_point
 
 _ENTRY = "entry:"
 _NAME = "name:"
 _USED = "used:"
 _BUILT = "built"
 _FLUSH_SECONDS = 5.0
+_DB_FILE = "cache.db"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_BROKEN = (sqlite3.Error, OSError, diskcache.Timeout)
+log = logging.getLogger("hubd.index")
+T = TypeVar("T")
+
+
+class IndexLost(OSError):
+    """The database file was deleted, replaced or overwritten since it was opened."""
 
 
 class Index:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.path = store.root / "index"
-        self._cache = self._open()
+        self._repair_lock = threading.Lock()
+        self._generation = 0
+        self._cache, self._identity = self._open()
         self._used: dict[str, float] = {}
         self._flushed = time.monotonic()
 
-    def _open(self) -> diskcache.Cache:
+    def _open(self) -> tuple[diskcache.Cache, tuple[int, int] | None]:
         try:
             cache = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**50)
             cache.get(_BUILT)
-            return cache
-        except (sqlite3.DatabaseError, OSError):
+        except _BROKEN:
             shutil.rmtree(self.path, ignore_errors=True)
-            return diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**50)
+            cache = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**50)
+        return cache, self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path / _DB_FILE)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def _check_file(self) -> None:
+        """Raise IndexLost when the database file is not the one this index opened, or not SQLite any more."""
+        if self._file_identity() != self._identity:
+            raise IndexLost(f"{self.path / _DB_FILE} was deleted or replaced")
+        with open(self.path / _DB_FILE, "rb") as db:
+            if db.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise IndexLost(f"{self.path / _DB_FILE} is no longer an SQLite database")
+
+    def _guarded(self, what: str, op: Callable[[], T], default: T, write: bool = True) -> T:
+        """Run `op`; on a database failure rebuild the index from the files once and retry, else give up."""
+        generation = self._generation
+        try:
+            if write:
+                self._check_file()
+            return op()
+        except _BROKEN as exc:
+            self._repair(generation, what, exc)
+        try:
+            return op()
+        except _BROKEN as exc:
+            log.warning("the index at %s still fails after a rebuild (%s); %s skipped", self.path, exc, what)
+            return default
+
+    def _repair(self, generation: int, what: str, exc: BaseException) -> None:
+        """Reopen the database (a fresh one if it is corrupt or gone) and rebuild it from meta/ and refs/."""
+        with self._repair_lock:
+            if generation != self._generation:
+                return  # another thread repaired it meanwhile
+            log.warning(
+                "the index at %s failed while %s (%s: %s); rebuilding it from meta/ and refs/",
+                self.path,
+                what,
+                type(exc).__name__,
+                exc,
+            )
+            old = self._cache
+            try:
+                replaced = isinstance(exc, IndexLost) and _is_sqlite(self.path)  # by another process: keep theirs
+                if not replaced:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                self._cache, self._identity = self._open()  # a fresh object: every thread gets a new connection
+                self._rebuild()
+            except _BROKEN as again:
+                log.warning("rebuilding the index at %s failed too (%s); it stays incomplete", self.path, again)
+            finally:
+                self._generation += 1
+                old.close()
 
     def rebuild_if_needed(self) -> bool:
-        """Rebuild from the store when the index is new or was lost. Returns True if it did."""
-        if self._cache.get(_BUILT):
+        """Rebuild from the store when the index is new or was lost, else add what a crash left out (entries
+        published after the index was last written). Returns True if it rebuilt."""
+        if self._guarded("reading", lambda: self._cache.get(_BUILT), None, write=False):
+            self._guarded("reconciling", self._reconcile, None)
             return False
         self.rebuild()
         return True
 
     def rebuild(self) -> None:
+        self._guarded("rebuilding", self._rebuild, None)
+
+    def _rebuild(self) -> None:
         self._cache.clear()
         for meta in self.store.iter_meta():
-            self.record(meta)
+            self._record(meta)
             self._cache.set(_USED + meta.digest, meta.fetched_at)
         for ref in self.store.iter_refs():
             self._cache.set(_NAME + ref.canonical, ref.digest)
         self._cache.set(_BUILT, time.time())
 
+    def _reconcile(self) -> None:
+        """Entries the files have and the index lacks are added (a crash between a publish and its index
+        update), entries whose meta is gone are dropped. One directory listing and one key scan."""
+        on_disk = {p.stem for p in self.store.meta_dir.glob("*.json")}
+        indexed = {k[len(_ENTRY) :] for k in self._cache.iterkeys() if isinstance(k, str) and k.startswith(_ENTRY)}
+        for digest in on_disk - indexed:
+            meta = self.store.read_meta(digest)
+            if meta is not None:
+                self._record(meta)
+        for digest in indexed - on_disk:
+            self._cache.delete(_ENTRY + digest)
+        if on_disk - indexed:
+            for ref in self.store.iter_refs():
+                self._cache.set(_NAME + ref.canonical, ref.digest)
+
     def migrate(self, renamed: dict[str, str]) -> None:
         """Rebuild after objects were renamed (old digest -> new), keeping their last-use times."""
-        used = {new: self._cache.get(_USED + old) for old, new in renamed.items()}
-        self.rebuild()
-        for digest, when in used.items():
-            if when is not None:
+        used: dict[str, float] = {}
+
+        def read() -> None:
+            for old, new in renamed.items():
+                when = self._cache.get(_USED + old)
+                if when is not None:
+                    used[new] = float(when)
+
+        def write() -> None:
+            for digest, when in used.items():
                 self._cache.set(_USED + digest, when)
 
+        self._guarded("migrating", read, None, write=False)
+        self.rebuild()
+        self._guarded("migrating", write, None)
+
     def record(self, meta: ObjectMeta) -> None:
+        def op() -> None:
+            if FAULT_INJECTION:
+                fault_point("index", "before")
+            self._record(meta)
+
+        self._guarded("recording a published entry", op, None)
+        if FAULT_INJECTION:
+            fault_point("index", "after")
+
+    def _record(self, meta: ObjectMeta) -> None:
         summary = {
             "digest": meta.digest,
             "archive_sha256": meta.archive_sha256,
@@ -75,10 +191,10 @@ class Index:
         self._cache.add(_USED + meta.digest, meta.fetched_at)
 
     def bind(self, canonical: str, digest: str) -> None:
-        self._cache.set(_NAME + canonical, digest)
+        self._guarded("binding a name", lambda: self._cache.set(_NAME + canonical, digest), None)
 
     def unbind(self, canonical: str) -> None:
-        self._cache.delete(_NAME + canonical)
+        self._guarded("unbinding a name", lambda: self._cache.delete(_NAME + canonical), None)
 
     def touch(self, digest: str) -> None:
         """Record a use. Kept in memory and written by `flush`: a SQLite write per cache hit would cap the
@@ -90,30 +206,55 @@ class Index:
     def flush(self) -> None:
         pending, self._used = self._used, {}
         self._flushed = time.monotonic()
-        for digest, when in pending.items():
-            self._cache.set(_USED + digest, when)
+
+        def op() -> None:
+            for digest, when in pending.items():
+                self._cache.set(_USED + digest, when)
+
+        if pending:
+            self._guarded("writing last-use times", op, None)
 
     def last_used(self, digest: str) -> float | None:
         if digest in self._used:
             return self._used[digest]
-        value = self._cache.get(_USED + digest)
+        value = self._guarded(
+            "reading a last-use time", lambda: self._cache.get(_USED + digest), None, write=False
+        )
         return float(value) if value is not None else None
 
     def forget(self, digest: str) -> None:
         self._used.pop(digest, None)
-        self._cache.delete(_ENTRY + digest)
-        self._cache.delete(_USED + digest)
-        for canonical, bound in list(self.names()):
-            if bound == digest:
-                self.unbind(canonical)
+
+        def op() -> None:
+            self._cache.delete(_ENTRY + digest)
+            self._cache.delete(_USED + digest)
+            for canonical, bound in self._names():
+                if bound == digest:
+                    self._cache.delete(_NAME + canonical)
+
+        self._guarded("forgetting an entry", op, None)
 
     def names(self) -> Iterator[tuple[str, str]]:
+        none: list[tuple[str, str]] = []
+        yield from self._guarded("listing names", self._names, none, write=False)
+
+    def _names(self) -> list[tuple[str, str]]:
+        found = []
         for key in list(self._cache.iterkeys()):
             if isinstance(key, str) and key.startswith(_NAME):
                 value = self._cache.get(key)
                 if value is not None:
-                    yield key[len(_NAME) :], str(value)
+                    found.append((key[len(_NAME) :], str(value)))
+        return found
 
     def close(self) -> None:
         self.flush()
         self._cache.close()
+
+
+def _is_sqlite(path: os.PathLike[str]) -> bool:
+    try:
+        with open(os.path.join(path, _DB_FILE), "rb") as db:
+            return db.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+    except OSError:
+        return False

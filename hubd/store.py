@@ -9,13 +9,16 @@ Layout under the cache root (see docs/cache-layout.md)::
     refs/<key>.json         per canonical handle: which object it points at
     pins/<digest>.json      objects a manifest pinned (never evicted), with the names that pinned them
     staging/<token>/        private work dirs, each held by a flock on staging/<token>.lock
+    pending/<key>.json      a publish in progress for ref <key>: the refs it will write (and <key>.meta.json)
     quarantine/             trees that failed verification, kept for inspection
     locks/<key>.lock        cross-process single-flight locks
     index/                  diskcache index (derived; rebuilt from the files above when lost)
 
 The filesystem is the source of truth. Every visible change is a rename of a complete, fsynced file or
 directory, so a crash at any instant leaves either the old state or the new one, plus staging leftovers that
-the next start removes.
+the next start removes. Publishing writes, in order: a pending record (what the refs will be, and the meta),
+the object, its meta, its refs, then drops the pending record; `recover_pending` finishes (or forgets) a
+publish that a crash interrupted, so an object that reached `objects/` is never downloaded again.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,24 @@ _CACHEDIR_TAG = (
     "# For information about cache directory tags see https://bford.info/cachedir/\n"
 )
 _DIGEST_CHARS = set("0123456789abcdef")
+log = logging.getLogger("hubd.store")
+
+FAULT_INJECTION = os.environ.get("HUBD_TEST_FAULT", "")
+"""Fault injection, for tests only; read once, empty outside tests, and then every hook is one falsy check.
+`kill:<step>` SIGKILLs this process right after publish step <step> completes; `enospc:<step>` makes that
+step's write fail with ENOSPC. Steps, in order: pending, object, meta, ref, done (pending record dropped),
+index (hubd/index.py)."""
+
+
+def fault_point(step: str, when: str) -> None:
+    """Act on HUBD_TEST_FAULT at `step`: `when` is "before" (ENOSPC) or "after" (SIGKILL) the step's write."""
+    action, _, at = FAULT_INJECTION.partition(":")
+    if at != step:
+        return
+    if action == "enospc" and when == "before":
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (HUBD_TEST_FAULT at {step})")
+    if action == "kill" and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -119,12 +142,13 @@ class Store:
         self.quarantine_dir = root / "quarantine"
         self.locks = root / "locks"
         self.pins = root / "pins"
+        self.pending = root / "pending"
 
     def ensure_layout(self) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         for public in (self.objects, self.meta_dir, self.refs, self.pins):
             public.mkdir(mode=0o755, exist_ok=True)
-        for private in (self.staging, self.quarantine_dir, self.locks):
+        for private in (self.staging, self.quarantine_dir, self.locks, self.pending):
             private.mkdir(mode=0o700, exist_ok=True)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
@@ -132,6 +156,7 @@ class Store:
         from hubd.layout import open_layout  # imports the index and view modules, which import this one
 
         open_layout(self)
+        self.recover_pending()
 
     # -- staging -------------------------------------------------------------------------------------
 
@@ -167,42 +192,237 @@ class Store:
         return self.objects / digest
 
     def publish(self, tree: Path, meta: ObjectMeta) -> Path:
-        """Make `tree` the read-only object `meta.digest`, atomically. An existing equal object wins."""
-        target = self.object_path(meta.digest)
-        existing = self.read_meta(meta.digest)
-        if existing is not None and target.is_dir():
-            self._add_names(existing, meta.names)
-            remove_tree(tree)
-            return target
+        """Make `tree` the read-only object `meta.digest`, with no refs (see `publish_entry`)."""
+        self.publish_entry(tree, meta, [])
+        return self.object_path(meta.digest)
+
+    def publish_entry(self, tree: Path, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> ObjectMeta:
+        """Publish `tree` as the object `meta.digest` and point `refs` (key, ref) at it; returns the meta as
+        published (an earlier publisher's names come first). Call with the gc lock held shared.
+
+        Crash-safe in every order: pending record, object, meta, refs, then the pending record is dropped, so a
+        crash leaves an object only beside a record of the refs it was for (`recover_pending` completes them).
+        An OSError (a full disk) undoes every step this call made, so it leaves nothing behind."""
+        _check_digest(meta.digest)
         _seal_tree(tree, self.fsync)
-        self.write_meta(meta)
-        try:
-            os.rename(tree, target)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        key = refs[0][0] if refs else None
+        with self._object_lock(meta.digest):
+            undo: list[tuple[str, Any]] = []
+            try:
+                if key is not None:
+                    undo.append(("pending", key))
+                    self._write_pending(key, meta, refs)
+                if FAULT_INJECTION:
+                    fault_point("object", "before")
+                if self._place_object(tree, meta):
+                    undo.append(("object", meta.digest))
+                if FAULT_INJECTION:
+                    fault_point("object", "after")
+                published, previous = self._merge_meta(meta, self.pending_meta_path(key) if key else None)
+                if previous is None or previous.names != published.names:
+                    undo.append(("meta", previous or meta.digest))
+                if FAULT_INJECTION:
+                    fault_point("meta", "after")
+                for ref_key, ref in refs:
+                    undo.append(("ref", (ref_key, self.read_ref(ref_key))))
+                    self._write_json(self.refs / f"{ref_key}.json", ref.__dict__, "ref")
+                if FAULT_INJECTION:
+                    fault_point("ref", "after")
+                if key is not None:
+                    self._drop_pending(key)
+            except OSError:
+                self._undo(undo)
                 raise
-            remove_tree(tree)  # another process published the same content first
-            return target
+        if FAULT_INJECTION:
+            fault_point("done", "after")
+        return published
+
+    def _place_object(self, tree: Path, meta: ObjectMeta) -> bool:
+        """Rename `tree` to objects/<digest>; True if this call put it there. An existing equal object wins;
+        one a crash left without a meta is adopted if it passes the quick check against `meta`, else set aside."""
+        from hubd.verify import quick_problems  # verify imports tree only; kept lazy like the other late imports
+
+        target = self.object_path(meta.digest)
+        if target.is_dir():
+            if (self.meta_dir / f"{meta.digest}.json").exists():
+                remove_tree(tree)
+                return False
+            problems = quick_problems(target, meta.manifest)
+            if not problems:
+                remove_tree(tree)
+                return True  # an orphan a crash left: ours now, so undone with ours
+            self.quarantine(meta.digest, "left without a meta by a crash; " + "; ".join(problems))
+        os.rename(tree, target)
         os.chmod(target, 0o555)
         self._fsync_dir(self.objects)
-        return target
+        return True
+
+    def _merge_meta(self, meta: ObjectMeta, staged: Path | None) -> tuple[ObjectMeta, ObjectMeta | None]:
+        """Write meta/<digest>.json, keeping an existing one's names first (a losing concurrent publisher only
+        adds names). Returns (the meta as written, the meta it replaced). Call under the object lock."""
+        previous = self.read_meta(meta.digest)
+        if previous is not None:
+            merged = ObjectMeta.from_json(previous.to_json())
+            merged.names = [*previous.names, *(n for n in meta.names if n not in previous.names)]
+            if merged.names != previous.names:
+                self._write_json(self.meta_dir / f"{meta.digest}.json", merged.to_json(), "meta")
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            return merged, previous
+        if FAULT_INJECTION:
+            fault_point("meta", "before")
+        if staged is not None and staged.exists():
+            os.rename(staged, self.meta_dir / f"{meta.digest}.json")  # written once, in the pending record
+            self._fsync_dir(self.meta_dir)
+        else:
+            self.write_meta(meta)
+        return meta, None
+
+    def _undo(self, steps: list[tuple[str, Any]]) -> None:
+        """Take back a failed publish's steps, newest first; each is best effort (the disk may still be full)."""
+        for kind, what in reversed(steps):
+            try:
+                if kind == "ref":
+                    ref_key, old = what
+                    if old is None:
+                        self.remove_ref(ref_key)
+                    else:
+                        try:
+                            self.write_ref(ref_key, old)
+                        except OSError:
+                            self.remove_ref(ref_key)  # no ref is better than one naming a removed object
+                elif kind == "meta" and isinstance(what, ObjectMeta):
+                    self.write_meta(what)  # the names before this publish
+                elif kind == "meta":
+                    (self.meta_dir / f"{what}.json").unlink(missing_ok=True)
+                elif kind == "object":
+                    doomed = self.staging / f"deleted-{what}-{secrets.token_hex(4)}"
+                    os.chmod(self.objects / what, 0o755)
+                    os.rename(self.objects / what, doomed)
+                    remove_tree(doomed)
+                elif kind == "pending":
+                    self._drop_pending(what)
+            except OSError as exc:
+                log.warning("could not undo the %s step of a failed publish: %s", kind, exc)
+
+    @contextmanager
+    def _object_lock(self, digest: str) -> Iterator[None]:
+        """Serialises the publishers and recoverers of one object: its meta is read, merged and written whole."""
+        fd = os.open(self.locks / f"object-{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- pending publishes -----------------------------------------------------------------------------
+
+    def pending_meta_path(self, key: str) -> Path:
+        return self.pending / f"{key}.meta.json"
+
+    def _write_pending(self, key: str, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> None:
+        """Record what this publish will write before the object appears: the meta (moved into meta/ later, so it
+        is written once) and then the intent naming the digest and refs. The intent exists only with its meta."""
+        self._write_json(self.pending_meta_path(key), meta.to_json(), "pending")
+        intent = {"digest": meta.digest, "refs": [{"key": k, **ref.__dict__} for k, ref in refs]}
+        self._write_json(self.pending / f"{key}.json", intent)
+        if FAULT_INJECTION:
+            fault_point("pending", "after")
+
+    def _drop_pending(self, key: str) -> None:
+        (self.pending / f"{key}.json").unlink(missing_ok=True)
+        self.pending_meta_path(key).unlink(missing_ok=True)
+        for tmp in self.pending.glob(f".{key}.*.tmp"):  # a crash in the middle of writing the record
+            tmp.unlink(missing_ok=True)
+
+    def recover_pending(self, key: str | None = None) -> list[str]:
+        """Finish publishes a crash interrupted (all, or ref `key`'s): an object that reached objects/ gets its
+        meta and refs; a record whose object never arrived is dropped. Returns the digests re-linked.
+
+        A record whose ref lock is held belongs to a live publisher and is left alone."""
+        try:
+            found = [key] if key is not None else [p.name for p in self.pending.iterdir()]
+        except OSError:  # none yet, or not ours to read (a read-only user of the cache)
+            return []
+        keys = sorted({name.lstrip(".").split(".")[0] for name in found})
+        done: list[str] = []
+        for pending_key in keys:
+            try:
+                digest = self._recover_one(pending_key)
+            except OSError as exc:  # a read-only cache, a full disk: the next start tries again
+                log.warning("could not finish the interrupted publish of ref %s: %s", pending_key, exc)
+                continue
+            if digest is not None:
+                done.append(digest)
+        return done
+
+    def _recover_one(self, key: str) -> str | None:
+        from hubd.eviction import gc_lock  # eviction imports this module
+        from hubd.verify import quick_problems
+
+        intent_path = self.pending / f"{key}.json"
+        if not intent_path.exists() and not any(self.pending.glob(f"*{key}.*")):
+            return None
+        fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            try:
+                intent = json.loads(intent_path.read_text())
+                digest = str(intent["digest"])
+                _check_digest(digest)
+                refs = [(str(r.pop("key")), Ref(**r)) for r in intent["refs"]]
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                self._drop_pending(key)  # the crash came before the intent was whole: nothing was published
+                return None
+            with gc_lock(self, shared=True), self._object_lock(digest):
+                target = self.objects / digest
+                staged = self.pending_meta_path(key)
+                if not target.is_dir():
+                    self._drop_pending(key)
+                    return None
+                if not (self.meta_dir / f"{digest}.json").exists():
+                    meta = self.read_meta_file(staged)
+                    problems = ["no meta was recorded"] if meta is None else quick_problems(target, meta.manifest)
+                    if problems:
+                        self.quarantine(
+                            digest, "an interrupted publish left it incomplete: " + "; ".join(problems)
+                        )
+                        self._drop_pending(key)
+                        return None
+                names = [ref.canonical for _key, ref in refs]
+                current = self.read_meta_file(staged) or self.read_meta(digest)
+                assert current is not None
+                current.names = names
+                self._merge_meta(current, staged)
+                for ref_key, ref in refs:
+                    existing = self.read_ref(ref_key)
+                    if existing is None or existing.digest == digest or not self._present(existing.digest):
+                        self.write_ref(ref_key, ref)
+                self._drop_pending(key)
+            log.warning("finished the publish of %s that a crash interrupted (no download needed)", names[0])
+            return digest
+        finally:
+            os.close(fd)
+
+    def _present(self, digest: str) -> bool:
+        return (self.objects / digest).is_dir() and (self.meta_dir / f"{digest}.json").exists()
 
     def write_meta(self, meta: ObjectMeta) -> None:
         _check_digest(meta.digest)
         self._write_json(self.meta_dir / f"{meta.digest}.json", meta.to_json())
 
     def read_meta(self, digest: str) -> ObjectMeta | None:
+        return self.read_meta_file(self.meta_dir / f"{digest}.json")
+
+    @staticmethod
+    def read_meta_file(path: Path) -> ObjectMeta | None:
         try:
-            data = json.loads((self.meta_dir / f"{digest}.json").read_text())
-            return ObjectMeta.from_json(data)
+            return ObjectMeta.from_json(json.loads(path.read_text()))
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-
-    def _add_names(self, meta: ObjectMeta, names: list[str]) -> None:
-        new = [n for n in names if n not in meta.names]
-        if new:
-            meta.names = [*meta.names, *new]
-            self._write_json(self.meta_dir / f"{meta.digest}.json", meta.to_json())
 
     def iter_meta(self) -> Iterator[ObjectMeta]:
         for path in sorted(self.meta_dir.glob("*.json")):
@@ -292,19 +512,28 @@ class Store:
         """Write `path` atomically (temp file, fsync, rename, fsync of the directory)."""
         self._write_atomic(path, payload)
 
-    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
-        self._write_atomic(path, json.dumps(data, sort_keys=True).encode())
+    def _write_json(self, path: Path, data: dict[str, Any], fault_step: str = "") -> None:
+        self._write_atomic(path, json.dumps(data, sort_keys=True).encode(), fault_step)
 
-    def _write_atomic(self, path: Path, payload: bytes) -> None:
+    def _write_atomic(self, path: Path, payload: bytes, fault_step: str = "") -> None:
+        """Temp file, write all, fsync, rename, fsync the directory; on any error the temp file is removed."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, payload)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                if FAULT_INJECTION and fault_step:
+                    fault_point(fault_step, "before")
+                view = memoryview(payload)
+                while view:  # os.write may write less than asked (a nearly full disk)
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._fsync_dir(path.parent)
 
     def _fsync_dir(self, path: Path) -> None:
