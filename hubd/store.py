@@ -335,11 +335,13 @@ class Store:
         for tmp in self.pending.glob(f".{key}.*.tmp"):  # a crash in the middle of writing the record
             tmp.unlink(missing_ok=True)
 
-    def recover_pending(self, key: str | None = None) -> list[str]:
+    def recover_pending(self, key: str | None = None, held: bool = False) -> list[str]:
         """Finish publishes a crash interrupted (all, or ref `key`'s): an object that reached objects/ gets its
         meta and refs; a record whose object never arrived is dropped. Returns the digests re-linked.
 
-        A record whose ref lock is held belongs to a live publisher and is left alone."""
+        A record whose ref flock is held belongs to a live publisher and is left alone; `held` says the caller
+        holds `key`'s flock itself (a fetch about to download, which should rather finish a crashed one's work).
+        For one key it costs a stat or two when nothing is pending."""
         try:
             found = [key] if key is not None else [p.name for p in self.pending.iterdir()]
         except OSError:  # none yet, or not ours to read (a read-only user of the cache)
@@ -348,7 +350,7 @@ class Store:
         done: list[str] = []
         for pending_key in keys:
             try:
-                digest = self._recover_one(pending_key)
+                digest = self._recover_one(pending_key, held)
             except OSError as exc:  # a read-only cache, a full disk: the next start tries again
                 log.warning("could not finish the interrupted publish of ref %s: %s", pending_key, exc)
                 continue
@@ -356,7 +358,7 @@ class Store:
                 done.append(digest)
         return done
 
-    def _recover_one(self, key: str) -> str | None:
+    def _recover_one(self, key: str, held: bool = False) -> str | None:
         from hubd.eviction import gc_lock  # eviction imports this module
         from hubd.verify import quick_problems
 
@@ -366,7 +368,8 @@ class Store:
         fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not held:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
             try:

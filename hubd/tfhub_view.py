@@ -56,8 +56,8 @@ class TfhubView:
             name = link_name(handle)
             _replace_symlink(self.root / name, target)
             descriptor = self.root / f"{name}.descriptor.txt"
-            if not descriptor.exists():
-                descriptor.write_text(f"Module: {handle}\nServed by: hubd ({ref.canonical})\n")
+            if not descriptor.exists():  # written whole or not at all: a full disk must not leave an empty one
+                _replace_file(descriptor, f"Module: {handle}\nServed by: hubd ({ref.canonical})\n")
 
     def unlink_digest(self, digest: str) -> None:
         if not self.root.is_dir():
@@ -82,7 +82,21 @@ def _replace_symlink(path: Path, target: str) -> None:
         return
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     os.symlink(target, tmp)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _remove_link(path: Path) -> None:
