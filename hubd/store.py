@@ -450,14 +450,16 @@ class Store:
         return dest
 
     def remove_object(self, digest: str) -> None:
-        """Delete an object and its meta: first the meta (so it stops counting), then the tree."""
+        """Delete an object and its meta, under its flock so a concurrent publisher of it cannot add names or
+        refs to what is going away (it publishes afresh once this is done)."""
         source = self.object_path(digest)
         doomed = self.staging / f"deleted-{digest}-{secrets.token_hex(4)}"
-        with suppress(FileNotFoundError):
-            os.chmod(source, 0o755)
-            os.rename(source, doomed)  # vanishes atomically, then is removed at leisure
-        (self.meta_dir / f"{digest}.json").unlink(missing_ok=True)
-        self.unpin(digest)
+        with self._object_lock(digest):
+            with suppress(FileNotFoundError):
+                os.chmod(source, 0o755)
+                os.rename(source, doomed)  # vanishes atomically, then is removed at leisure
+            (self.meta_dir / f"{digest}.json").unlink(missing_ok=True)
+            self.unpin(digest)
         remove_tree(doomed)
 
     # -- refs ----------------------------------------------------------------------------------------
