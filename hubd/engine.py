@@ -56,6 +56,9 @@ class _Flight:
     listeners: list[ProgressCallback] = field(default_factory=list)
     waiters: int = 0
     """Callers still awaiting the result: when the last one leaves (a client disconnected), the fetch stops."""
+    cancellable: bool = True
+    """Until the archive is whole: then verifying and publishing finish anyway (cheap, and a publish cut
+    half-way would race the staging clean-up)."""
 
     def emit(self, phase: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -248,7 +251,7 @@ class Engine:
             flight.waiters -= 1
             if on_progress is not None and on_progress in flight.listeners:
                 flight.listeners.remove(on_progress)
-            if flight.waiters == 0 and not flight.task.done():
+            if flight.waiters == 0 and flight.cancellable and not flight.task.done():
                 flight.task.cancel()  # ...but when the last one has gone, nobody wants the bytes any more
 
     async def _fetch_limited(self, source: Source, sha256: str | None, flight: _Flight, uid: int | None) -> Entry:
@@ -304,6 +307,7 @@ class Engine:
                 )
                 result = await download.run()
                 manifest = await sink.finish()
+                flight.cancellable = False
             except BaseException as exc:
                 spool.close()
                 if not isinstance(exc, UpstreamError | asyncio.CancelledError):  # kept only to be resumed

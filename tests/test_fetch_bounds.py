@@ -241,3 +241,19 @@ def test_a_fetch_a_watched_manifest_wants_goes_on_when_its_http_requester_leaves
     assert reply.status == 200, reply.body
     assert upstream.server.disconnects[path] == 0
     assert upstream.bytes_sent(path) == len(archive) and upstream.requests(path) == 1
+
+
+def test_a_requester_leaving_once_the_archive_is_whole_does_not_cut_the_publish(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    path = upstream.publish("large_4mb")
+    daemon = start_daemon(settings, tmp_path)
+    try:
+        sock = _send_pull(daemon, tfhub(path))
+        _read_until(sock, b'"phase":"verify"')
+        sock.close()
+        reply = daemon.request("POST", "/v1/resolve", {"handle": tfhub(path)})
+    finally:
+        daemon.stop()
+    assert reply.status == 200, reply.body
+    assert upstream.requests(path) == 1  # published by the first fetch, not fetched again
