@@ -10,16 +10,41 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from hubd.entry import Entry
-from hubd.errors import HubdError
 from hubd_client.paths import UntrustedSocket, connect_checked
 
 from hubd.config import Settings
+from hubd.entry import Entry
+from hubd.errors import HubdError
 
 
 class UntrustedDaemonSocket(HubdError):
     code = "untrusted_socket"
     http_status = 403
+
+
+class DaemonNotAnswering(HubdError):
+    """Something accepted the connection but sent no answer in time: a hung or overloaded daemon."""
+
+    code = "daemon_not_answering"
+    http_status = 504
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def client_timeouts() -> tuple[float, float, float]:
+    """(connect, first byte, idle between stream lines) in seconds: the same HUBD_CLIENT_* settings and defaults
+    as hubd_client's, so no command waits on a daemon that does not answer."""
+    return (
+        _seconds("HUBD_CLIENT_CONNECT_TIMEOUT", 2.0),
+        _seconds("HUBD_CLIENT_TIMEOUT", 10.0),
+        _seconds("HUBD_CLIENT_IDLE_TIMEOUT", 60.0),
+    )
 
 
 def _error_classes(base: type[HubdError] = HubdError) -> list[type[HubdError]]:
@@ -37,14 +62,15 @@ def error_from(body: dict[str, Any]) -> HubdError:
     return error
 
 
-def _probe_socket(settings: Settings) -> None:
+def _probe_socket(settings: Settings, timeout: float) -> None:
     """Check the socket's directory, owner and listener before aiohttp (which cannot check them) connects."""
-    connect_checked(settings.socket, timeout=5).close()
+    connect_checked(settings.socket, timeout=timeout).close()
 
 
 class DaemonClient:
     def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
+        self.connect_timeout, self.first_byte, self.idle = client_timeouts()
         if settings.url:
             connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
             self.base = settings.url.rstrip("/")
@@ -52,7 +78,19 @@ class DaemonClient:
             connector = aiohttp.UnixConnector(path=os.path.realpath(settings.socket))  # as checked
             self.base = "http://localhost"
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+            connector=connector, timeout=self._timeout(self.first_byte, total=timeout)
+        )
+
+    def _timeout(self, read: float | None, total: float | None = None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=total, connect=self.connect_timeout, sock_connect=self.connect_timeout, sock_read=read
+        )
+
+    def _not_answering(self, waited: float, setting: str) -> DaemonNotAnswering:
+        return DaemonNotAnswering(
+            f"the hubd daemon at {self.settings.url or self.settings.socket} accepted the connection but sent "
+            f"nothing for {waited:g} s",
+            f"see the daemon's log, or restart it (`systemctl restart hubd`); {setting} sets how long to wait",
         )
 
     async def __aenter__(self) -> DaemonClient:
@@ -65,7 +103,9 @@ class DaemonClient:
         """True when the daemon answers; an impostor's socket is an error, never a silent fallback."""
         if not self.settings.url:
             try:
-                await asyncio.to_thread(_probe_socket, self.settings)
+                await asyncio.to_thread(_probe_socket, self.settings, self.connect_timeout)
+            except TimeoutError:
+                raise self._not_answering(self.connect_timeout, "HUBD_CLIENT_CONNECT_TIMEOUT") from None
             except UntrustedSocket as exc:
                 raise UntrustedDaemonSocket(
                     str(exc),
@@ -77,15 +117,23 @@ class DaemonClient:
         try:
             async with self.session.get(f"{self.base}/v1/health") as response:
                 return response.status == 200
+        except TimeoutError:  # aiohttp's timeouts are TimeoutErrors too: check before ClientError
+            raise self._not_answering(self.first_byte, "HUBD_CLIENT_TIMEOUT") from None
         except (aiohttp.ClientError, OSError):
             return False
 
-    async def _json(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.session.request(method, f"{self.base}{path}", json=body) as response:
-            data = await response.json(content_type=None)
-            if response.status >= 400:
-                raise error_from(data)
-            return data
+    async def _json(self, method: str, path: str, body: Any = None, long: bool = False) -> Any:
+        """One request; `long` ones (verify, gc: the daemon answers when the work is done) wait as long as it
+        takes, once the daemon has shown it answers."""
+        timeout = self._timeout(None if long else self.first_byte)
+        try:
+            async with self.session.request(method, f"{self.base}{path}", json=body, timeout=timeout) as response:
+                data = await response.json(content_type=None)
+                if response.status >= 400:
+                    raise error_from(data)
+                return data
+        except TimeoutError:
+            raise self._not_answering(self.first_byte, "HUBD_CLIENT_TIMEOUT") from None
 
     async def resolve(self, handle: str, sha256: str | None = None) -> Entry:
         return Entry.model_validate(await self._json("POST", "/v1/resolve", {"handle": handle, "sha256": sha256}))
@@ -98,20 +146,25 @@ class DaemonClient:
         return Entry.model_validate(await self._json("DELETE", f"/v1/models/{model_id}"))
 
     async def verify(self, handle: str | None, heal: bool) -> list[dict[str, Any]]:
-        data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal})
+        data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal}, long=True)
         return list(data["results"])
 
     async def gc(self, dry_run: bool) -> dict[str, Any]:
-        return dict(await self._json("POST", "/v1/gc", {"dry_run": dry_run}))
+        return dict(await self._json("POST", "/v1/gc", {"dry_run": dry_run}, long=True))
 
     async def status(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/v1/status"))
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
-        """POST and yield NDJSON events as they arrive."""
-        async with self.session.post(f"{self.base}{path}", json=body) as response:
-            if response.status >= 400:
-                raise error_from(await response.json(content_type=None))
-            async for line in response.content:
-                if line.strip():
-                    yield json.loads(line)
+        """POST and yield NDJSON events as they arrive (blank lines are the daemon's keep-alives)."""
+        try:
+            async with self.session.post(
+                f"{self.base}{path}", json=body, timeout=self._timeout(self.idle)
+            ) as response:
+                if response.status >= 400:
+                    raise error_from(await response.json(content_type=None))
+                async for line in response.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except TimeoutError:
+            raise self._not_answering(self.idle, "HUBD_CLIENT_IDLE_TIMEOUT") from None

@@ -17,17 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from hubd_client.handles import parse_handle
+
+from hubd import __version__
+from hubd.api_client import DaemonClient, error_from
+from hubd.config import Settings, load_settings
 from hubd.engine import Engine
 from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, UnknownModel
 from hubd.manifest import load_manifest
 from hubd.prefetch import resolve_many
 from hubd.progress import ProgressBar, ProgressBoard, human_bytes
-from hubd_client.handles import parse_handle
-
-from hubd import __version__
-from hubd.api_client import DaemonClient, error_from
-from hubd.config import Settings, load_settings
 
 _ID_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 
@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--mirror-listen", action="append", help="serve the TF Hub hosting protocol to other machines on HOST:PORT"
     )
+    serve.add_argument("--mirror-key-file", help="shared key file a LAN mirror signs its checksum claims with")
+    serve.add_argument(
+        "--trust-foreign-namespaces",
+        action="store_true",
+        default=None,
+        help="let root or admins in another user or PID namespace (a container) act as admins",
+    )
+    serve.add_argument("--socket-group", help="group that may use the socket (mode 0660)")
     serve.set_defaults(run=_serve)
 
     pull = commands.add_parser("pull", parents=[common], help="fetch a model if needed and print its path")
@@ -92,7 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     extra: dict[str, Any] = {}
-    for name in ("listen", "manifest", "admin_group", "token_file", "max_size", "mirror_listen"):
+    for name in (
+        "listen",
+        "manifest",
+        "admin_group",
+        "token_file",
+        "max_size",
+        "mirror_listen",
+        "mirror_key_file",
+        "trust_foreign_namespaces",
+        "socket_group",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             extra["manifests" if name == "manifest" else name] = value

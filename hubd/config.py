@@ -96,6 +96,17 @@ class Settings(BaseSettings):
         default_factory=list, description="Serve the TF Hub hosting protocol for cached models on HOST:PORT."
     )
     prefetch_concurrency: int = Field(4, ge=1, le=64)
+    max_connections: int = Field(1000, ge=1, description="Open API connections at once; more are refused (503).")
+    max_connections_per_user: int = Field(
+        64, ge=1, description="Open API connections one uid may hold on the socket; more are refused (503)."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's line and headers (and its body)."
+    )
+    idle_timeout: float = Field(30.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    stream_heartbeat: float = Field(
+        5.0, gt=0, description="Seconds of silence after which a progress stream sends a blank keep-alive line."
+    )
 
     @field_validator("mirror")
     @classmethod

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import logging
 import os
 import shutil
 import stat
@@ -39,6 +40,7 @@ from hubd.errors import (
     VerificationFailed,
 )
 from hubd.eviction import GcReport, QuotaExceeded, collect, gc_lock, unevictable_bytes
+from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import Download, FetchResult, ProgressCallback, ResumeSpool, make_session
 from hubd.index import Index
 from hubd.progress import human_bytes
@@ -62,7 +64,11 @@ class _Flight:
 
     def emit(self, phase: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
-            listener(phase, done, total)
+            try:
+                listener(phase, done, total)
+            except Exception:  # a broken listener loses its own progress, not everyone's fetch
+                logging.getLogger("hubd").exception("a progress listener failed; it gets no more events")
+                self.listeners.remove(listener)
 
 
 class RefConflict(HubdError):
@@ -204,7 +210,9 @@ class Engine:
         if source.kind == "local":
             return _local_entry(source)
         sha256 = sha256.lower() if sha256 else None
-        cached = self.cached_entry(source, sha256)
+        cached = await coalesced(
+            HIT_CHECKS, (self.store.root, source.ref_key, sha256), self.cached_entry, source, sha256
+        )
         if cached is not None:
             self.stats["hits"] += 1
             return cached
@@ -266,7 +274,7 @@ class Engine:
     async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         flight.emit("waiting", 0, None)
         async with self._cross_process_lock(source.ref_key):
-            cached = self.cached_entry(source, sha256)  # another process may have fetched it meanwhile
+            cached = await run_in(HIT_CHECKS, self.cached_entry, source, sha256)  # fetched meanwhile elsewhere?
             if cached is not None:
                 return cached
             return await self._fetch(source, sha256, flight)
@@ -278,7 +286,7 @@ class Engine:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                await run_in(WAITS, fcntl.flock, fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock
@@ -556,7 +564,7 @@ class Engine:
         reports = []
         for meta in metas:
             tree = self.store.object_path(meta.digest)
-            problems = await asyncio.to_thread(full_problems, tree, meta.manifest)
+            problems = await run_in(HASHING, full_problems, tree, meta.manifest)
             if problems and tree.is_dir():
                 self._quarantine(meta.digest, problems)
             report = VerifyReport(self._entry(meta, problems=problems), problems)

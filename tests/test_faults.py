@@ -25,7 +25,7 @@ from hubd.errors import HubdError, UpstreamError
 from hubd.verify import full_problems
 from tests import hostile
 from tests.conftest import REPO, Upstream
-from tests.daemon import Daemon, start_daemon
+from tests.daemon import Daemon, call, start_daemon
 from tests.hosting import Behaviour
 from tests.test_engine import resolve, with_engine
 
@@ -386,3 +386,53 @@ def _status(daemon: Daemon, handle: str) -> tuple[int, str]:
     reply = daemon.request("POST", "/v1/resolve", {"handle": handle})
     body: Any = reply.json()
     return reply.status, body["error"]["code"]
+
+
+def test_hostile_requests_get_a_4xx_never_a_500(settings: Settings, tmp_path: Path) -> None:
+    """Bodies nested 100,000 deep (JSON and TOML) and bearer tokens that are not ASCII: clean 4xx answers."""
+    token_file = tmp_path / "token"
+    token_file.write_text("the-real-token\n")
+    daemon = start_daemon(settings, tmp_path, "--listen", "127.0.0.1:0", "--token-file", str(token_file))
+    deep = 100_000
+    try:
+        answers: dict[str, tuple[int, str]] = {}
+        for name, raw in {
+            "list": b"[" * deep,
+            "object": b'{"a":' * deep,
+            "mixed": b'{"model":[' + b"[{" * deep,
+        }.items():
+            for route in ("/v1/resolve", "/v1/pull", "/v1/verify", "/v1/prefetch"):
+                reply = call(daemon.unix(), "POST", route, raw=raw)
+                answers[f"json_{name}_{route}"] = (reply.status, reply.json()["error"]["code"])
+        toml = call(
+            daemon.unix(),
+            "POST",
+            "/v1/prefetch",
+            raw=b"model = " + b"[" * deep,
+            headers={"Content-Type": "application/toml"},
+        )
+        answers["toml_nested"] = (toml.status, toml.json()["error"]["code"])
+        tokens: dict[str, str | bytes] = {
+            "latin1_token": "Bearer t\xf6k\xe9n",
+            "utf8_token": "Bearer \U0001f511-the-real-token".encode(),
+            "invalid_utf8_token": b"Bearer \xff\xfe\xfd",
+        }
+        for name, value in tokens.items():
+            for method, route in (("DELETE", "/v1/models/" + "a" * 64), ("POST", "/v1/gc")):
+                reply = call(daemon.http(), method, route, raw=b"{}", headers={"Authorization": value})
+                answers[f"{name}_{method}"] = (reply.status, reply.json()["error"]["code"])
+        right = call(
+            daemon.http(),
+            "POST",
+            "/v1/gc",
+            raw=b'{"dry_run": true}',
+            headers={"Authorization": "Bearer the-real-token"},
+        )
+        assert right.status == 200, right  # the token check itself still works
+    finally:
+        daemon.stop()
+    print(f"\nreliability: hostile requests -> {sorted(set(answers.values()))}")
+    for name, answer in answers.items():
+        expected = (403, "forbidden") if "token" in name else (400, "bad_request")
+        assert answer == expected, (name, answer)
+    assert "unexpected error" not in daemon.log() and "Traceback" not in daemon.log()

@@ -1,7 +1,8 @@
 """Real unprivileged local users for attack tests: created with useradd, used through `subprocess(user=...)`.
 
 CI runs as root, so every attack in the suite can be performed by an account that has no privileges at all.
-Attackers run the system's Python (stdlib only) or the repository's client code through PYTHONPATH, never as root.
+Attackers run the system's Python (stdlib only) or the repository's code through `LocalUser.python`, which
+drops to the user before the user's code runs; never as root.
 """
 
 from __future__ import annotations
@@ -64,9 +65,59 @@ class LocalUser:
     def python(
         self, code: str, *argv: str, env: dict[str, str] | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """Run Python `code` as this user with the repository's client and daemon code importable."""
-        full_env = {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'client'}", **(env or {})}
-        return self.run([sys.executable, "-c", code, *argv], env=full_env, timeout=timeout)
+        """Run Python `code` as this user with the repository's client and daemon code importable (see AS_USER)."""
+        return subprocess.run(
+            self._as_user(code, argv),
+            env=self._env(env),
+            capture_output=True,
+            text=True,
+            cwd=self.home,
+            timeout=timeout,
+        )
+
+    def spawn_python(self, code: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start Python `code` as this user (see AS_USER); stdin, stdout and stderr are pipes, stderr on stdout."""
+        return subprocess.Popen(
+            self._as_user(code, argv),
+            env=self._env(env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.home,
+        )
+
+    def _as_user(self, code: str, argv: tuple[str, ...]) -> list[str]:
+        return [sys.executable, "-c", AS_USER, str(self.uid), str(self.gid), code, *argv]
+
+    def _env(self, env: dict[str, str] | None) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'client'}",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+
+
+# The test interpreter (a venv under /root) is not executable by other users, so user code starts as root with it,
+# imports what it may need while the files are still readable, then drops to the user for good (uid, gid, no
+# supplementary groups) before running a single line of the user's code.
+AS_USER = """
+import os, sys
+uid, gid, code = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import asyncio, ctypes, http.client, json, resource, selectors, socket, struct, time, concurrent.futures.thread
+import hubd.cli, hubd.api_client, hubd_client, hubd_client.resolver, hubd_client.offline, hubd_client.transport
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: as any process the user starts (setuid cleared it)
+sys.argv = ["-c", *sys.argv[4:]]
+exec(compile(code, "<as-user>", "exec"))
+"""
 
 
 def local_user(name: str) -> LocalUser:

@@ -19,17 +19,25 @@ def resolve(handle: str) -> str:
             raise OSError(f"{handle} does not exist.")  # tensorflow_hub's error, word for word
         return parse_handle(handle).local_path
     try:
-        status, body = transport.request("POST", "/v1/resolve", {"handle": handle})
+        # A pull's NDJSON stream rather than /v1/resolve: its first line comes at once and the daemon keeps it
+        # alive while it fetches, so the client's short first-byte limit never cuts a long download short.
+        status, body = transport.request("POST", "/v1/pull", {"handle": handle}, stream=True)
+    except transport.NotAnswering as exc:
+        return _fallback(handle, str(exc), answering=False)
     except transport.Unreachable as exc:
         return _fallback(handle, str(exc))
-    if status != 200:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+    if status == 200 and isinstance(body, dict) and body.get("event") == "done":
+        return _visible_path(body["entry"]["path"], body["entry"].get("relpath", ""))
+    if status == 200 and not (isinstance(body, dict) and body.get("event") == "error"):
         raise HubdClientError(
-            str(error.get("code", "error")),
-            str(error.get("message", f"hubd answered HTTP {status}")),
-            str(error.get("hint", "")),
+            "incomplete_answer", "the daemon's answer ended without a result", "see the daemon's log"
         )
-    return _visible_path(body["path"], body.get("relpath", ""))
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    raise HubdClientError(
+        str(error.get("code", "error")),
+        str(error.get("message", f"hubd answered HTTP {status}")),
+        str(error.get("hint", "")),
+    )
 
 
 def _visible_path(path: str, relpath: str) -> str:
@@ -48,12 +56,20 @@ def _visible_path(path: str, relpath: str) -> str:
     )
 
 
-def _fallback(handle: str, why: str) -> str:
+def _fallback(handle: str, why: str, answering: bool = True) -> str:
     from hubd_client.offline import lookup
 
     path, looked_in = lookup(handle)
     if path is not None:
         return path
+    if not answering:
+        raise DaemonUnavailable(
+            "daemon_not_answering",
+            f"the hubd daemon at {transport.where()} does not answer ({why}) "
+            f"and {handle} is not in the cache at {looked_in}",
+            "see the daemon's log, or restart it (`systemctl restart hubd`); HUBD_CLIENT_TIMEOUT and "
+            "HUBD_CLIENT_CONNECT_TIMEOUT set how many seconds the client waits",
+        )
     raise DaemonUnavailable(
         "daemon_unavailable",
         f"the hubd daemon is not running (nothing answers at {transport.where()}: {why}) "

@@ -1,4 +1,10 @@
-"""Standard-library HTTP to the daemon: a Unix socket (HUBD_SOCKET or the default), or TCP (HUBD_URL)."""
+"""Standard-library HTTP to the daemon: a Unix socket (HUBD_SOCKET or the default), or TCP (HUBD_URL).
+
+Every wait is bounded, so a daemon that accepts but never answers costs seconds, not an hour: connecting
+(HUBD_CLIENT_CONNECT_TIMEOUT, 2 s), the first byte of an answer (HUBD_CLIENT_TIMEOUT, 10 s), and the silence
+between two lines of a progress stream (HUBD_CLIENT_IDLE_TIMEOUT, 60 s; the daemon sends a blank line every few
+seconds while a fetch is busy, so a long download never comes near it).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,27 @@ from urllib.parse import urlsplit
 
 from hubd_client.paths import UntrustedSocket, connect_checked, default_socket
 
-TIMEOUT = float(os.environ.get("HUBD_CLIENT_TIMEOUT", "3600"))
+#: Defaults of the client's time limits, in seconds (each read from the environment at every request).
+CONNECT_TIMEOUT = 2.0
+FIRST_BYTE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def timeouts() -> tuple[float, float, float]:
+    """(connect, first byte, idle between stream lines), from HUBD_CLIENT_* or the defaults."""
+    return (
+        _seconds("HUBD_CLIENT_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        _seconds("HUBD_CLIENT_TIMEOUT", FIRST_BYTE_TIMEOUT),
+        _seconds("HUBD_CLIENT_IDLE_TIMEOUT", IDLE_TIMEOUT),
+    )
 
 
 class Unreachable(Exception):
@@ -23,13 +49,29 @@ class Untrusted(Unreachable):
     """Something answers, but someone other than the user, root or `hubd` could have put it there."""
 
 
+class NotAnswering(Unreachable):
+    """Something accepted the connection (or never let it finish) but sent no answer in time."""
+
+
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, connect_timeout: float, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
+        self.connect_timeout = connect_timeout
 
     def connect(self) -> None:
-        self.sock = connect_checked(Path(self.unix_path), self.timeout)
+        self.sock = connect_checked(Path(self.unix_path), self.connect_timeout)
+        self.sock.settimeout(self.timeout)
+
+
+class _TCPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.connect_timeout = connect_timeout
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        self.sock.settimeout(self.timeout)
 
 
 def where() -> str:
@@ -37,22 +79,47 @@ def where() -> str:
     return os.environ.get("HUBD_URL") or f"unix:{os.environ.get('HUBD_SOCKET') or default_socket()}"
 
 
-def _connection() -> http.client.HTTPConnection:
+def _connection(connect_timeout: float, first_byte: float) -> http.client.HTTPConnection:
     url = os.environ.get("HUBD_URL")
     if url:
         parts = urlsplit(url)
-        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=TIMEOUT)
-    return _UnixConnection(str(os.environ.get("HUBD_SOCKET") or default_socket()), TIMEOUT)
+        return _TCPConnection(parts.hostname or "127.0.0.1", parts.port or 80, connect_timeout, first_byte)
+    return _UnixConnection(str(os.environ.get("HUBD_SOCKET") or default_socket()), connect_timeout, first_byte)
 
 
-def request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One JSON request; raises `Unreachable` when no daemon listens."""
-    connection = _connection()
+def _last_event(response: http.client.HTTPResponse) -> Any:
+    """Read an NDJSON stream to its end; its last event (blank lines are the daemon's keep-alives)."""
+    last: Any = {}
+    for line in response:
+        if line.strip():
+            last = json.loads(line)
+    return last
+
+
+def request(method: str, path: str, body: Any = None, stream: bool = False) -> tuple[int, Any]:
+    """One JSON request; raises `Unreachable` when no daemon listens, `NotAnswering` when it does not answer.
+
+    With `stream`, a 200 answer is an NDJSON stream read to its end, and its last event is returned.
+    """
+    connect_timeout, first_byte, idle = timeouts()
+    connection = _connection(connect_timeout, first_byte)
     payload = json.dumps(body).encode() if body is not None else None
+    waiting_for = f"could not connect within {connect_timeout:g} s (HUBD_CLIENT_CONNECT_TIMEOUT)"
     try:
+        connection.connect()
+        waiting_for = f"no answer within {first_byte:g} s (HUBD_CLIENT_TIMEOUT)"
         connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
+        if stream and response.status == 200:
+            waiting_for = f"no progress for {idle:g} s (HUBD_CLIENT_IDLE_TIMEOUT)"
+            if connection.sock is not None:
+                connection.sock.settimeout(idle)
+            return response.status, _last_event(response)
         data = response.read()
+    except TimeoutError:
+        raise NotAnswering(waiting_for) from None
+    except BlockingIOError:  # connect() with a timeout on a Unix socket whose backlog is full
+        raise NotAnswering("its socket takes no more connections (the listen backlog is full)") from None
     except (
         FileNotFoundError,
         NotADirectoryError,
@@ -65,6 +132,8 @@ def request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
         raise Unreachable(f"no permission to use the socket: {exc}") from None
     except UntrustedSocket as exc:
         raise Untrusted(str(exc)) from None
+    except http.client.IncompleteRead as exc:
+        raise NotAnswering(f"the connection closed in the middle of an answer: {exc}") from None
     finally:
         connection.close()
     return response.status, json.loads(data) if data else {}

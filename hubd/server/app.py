@@ -47,6 +47,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             hint = f"request bodies are limited to {MAX_BODY} bytes"
         keep = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}  # RFC 9110: 405 names the methods
         return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason, hint, keep)
+    except ConnectionResetError:  # the client hung up mid-answer: nothing to send, nothing wrong here
+        log.debug("client went away during %s %s", request.method, request.path)
+        return web.Response(status=499, reason="Client Closed Request")
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _error(500, "internal", "hubd hit an unexpected error", "see the daemon's log; please report it")
@@ -102,7 +105,7 @@ def openapi_document() -> dict[str, Any]:
 
     def responses(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
         out: dict[str, Any] = {"200": ok}
-        for status in (400, 403, 404, 409, 413, 415, 422, 502, 503, 507, *errors):
+        for status in (400, 403, 404, 408, 409, 413, 415, 422, 502, 503, 507, *errors):
             out[str(status)] = {
                 "description": "error",
                 "content": {"application/json": {"schema": ref("ErrorBody")}},

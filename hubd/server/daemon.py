@@ -7,26 +7,31 @@ import grp
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 from pathlib import Path
 
 from aiohttp import web
-from hubd.engine import Engine
-from hubd.errors import BadRequest
-from hubd.server.app import create_app
-from hubd.server.guards import AdminPolicy
-from hubd.server.mirror import create_mirror_app
-from hubd.server.systemd import inherited_sockets, notify
-from hubd.watch import Watchers
 from hubd_client.paths import is_system_daemon, socket_dir_problem
 
 from hubd.config import Settings
+from hubd.engine import Engine
+from hubd.errors import BadRequest
+from hubd.server.app import create_app
+from hubd.server.connections import ConnectionLimits
+from hubd.server.guards import AdminPolicy
+from hubd.server.mirror import create_mirror_app
+from hubd.server.routes import CONNECTIONS
+from hubd.server.systemd import inherited_sockets, notify
+from hubd.watch import Watchers
 
 log = logging.getLogger("hubd")
 #: Members may use the system daemon's socket (systemd/hubd.socket's SocketGroup).
 SYSTEM_SOCKET_GROUP = "hubd-users"
+#: File descriptors kept for files, the index and downloads beyond the API's connections.
+FILE_DESCRIPTOR_RESERVE = 256
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -157,12 +162,16 @@ class Daemon:
         if socket_mode is not None:
             self.socket_mode = socket_mode
         self.engine = Engine(settings)
+        self.limits = ConnectionLimits(
+            settings.max_connections, settings.max_connections_per_user, settings.header_timeout
+        )
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
 
     async def run(self) -> None:
         if "LISTEN_FDS" not in os.environ:
             socket_dir(self.settings.socket)  # a socket directory someone else controls: refuse before any work
+        asyncio.get_running_loop().set_exception_handler(self.limits.resource_log)
         await self.engine.start()
         app = create_app(
             self.engine,
@@ -170,7 +179,14 @@ class Daemon:
                 self.settings.admin_group, self.settings.token_file, self.settings.trust_foreign_namespaces
             ),
         )
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=30)
+        app[CONNECTIONS] = self.limits
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=30,
+            keepalive_timeout=self.settings.idle_timeout,
+        )
         await runner.setup()
         mirror_runner = web.AppRunner(create_mirror_app(self.engine), handle_signals=False, access_log=None)
         await mirror_runner.setup()
@@ -220,11 +236,25 @@ class Daemon:
                 addresses.append(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
             else:
                 addresses.append(f"unix:{sock.getsockname()}")
-            await web.SockSite(runner, sock).start()
+            await self.limits.site(runner, sock).start()
         return addresses
+
+
+def check_descriptors(settings: Settings) -> None:
+    """Warn when the connection limit leaves too few descriptors for files (systemd's LimitNOFILE= sets it)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and settings.max_connections + FILE_DESCRIPTOR_RESERVE > soft:
+        log.warning(
+            "max_connections %d leaves less than %d of the %d file descriptors (RLIMIT_NOFILE) for files; "
+            "raise LimitNOFILE or lower HUBD_MAX_CONNECTIONS",
+            settings.max_connections,
+            FILE_DESCRIPTOR_RESERVE,
+            soft,
+        )
 
 
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_descriptors(settings)
     asyncio.run(Daemon(settings).run())
     return 0

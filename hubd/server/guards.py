@@ -39,6 +39,11 @@ class MisdirectedHost(HubdError):
     http_status = 400
 
 
+class RequestTimeout(HubdError):
+    code = "request_timeout"
+    http_status = 408
+
+
 def is_loopback_host(host_header: str) -> bool:
     host = host_header.strip().lower()
     if host.startswith("["):
@@ -124,7 +129,9 @@ class AdminPolicy:
             )
         token = self._token()
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if token and given and hmac.compare_digest(token, given):
+        # As bytes: compare_digest refuses non-ASCII str, and a header may hold anything (aiohttp decodes it
+        # as UTF-8 with surrogateescape, so it encodes back to the bytes that were sent).
+        if token and given and hmac.compare_digest(token.encode(), given.encode("utf-8", "surrogateescape")):
             return
         raise Forbidden(
             "admin operations over TCP need the admin token",

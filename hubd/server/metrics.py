@@ -6,6 +6,7 @@ import collections
 from dataclasses import dataclass, field
 
 from hubd.engine import Engine
+from hubd.server.connections import ConnectionLimits
 
 
 @dataclass
@@ -13,11 +14,13 @@ class Metrics:
     requests: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     fetch_seconds_sum: float = 0.0
     fetch_count: int = 0
+    verify_runs: int = 0
+    """Verifications started through the API (concurrent ones of one model share a run)."""
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
 
-    def render(self, engine: Engine) -> str:
+    def render(self, engine: Engine, connections: ConnectionLimits | None = None) -> str:
         entries = engine.list_entries()
         lines = [
             "# HELP hubd_requests_total API requests by route and status.",
@@ -50,4 +53,21 @@ class Metrics:
             "# TYPE hubd_cache_bytes gauge",
             f"hubd_cache_bytes {sum(e.size_bytes for e in entries if e.state == 'ok')}",
         ]
+        lines += [
+            "# HELP hubd_verify_runs_total Verifications run for the API; concurrent ones of a model share one.",
+            "# TYPE hubd_verify_runs_total counter",
+            f"hubd_verify_runs_total {self.verify_runs}",
+        ]
+        if connections is not None:
+            lines += [
+                "# HELP hubd_connections_open API connections open now.",
+                "# TYPE hubd_connections_open gauge",
+                f"hubd_connections_open {connections.open}",
+                "# HELP hubd_connections_refused_total Connections refused at a connection limit (503).",
+                "# TYPE hubd_connections_refused_total counter",
+                f"hubd_connections_refused_total {connections.refused}",
+                "# HELP hubd_connections_timed_out_total Connections closed for sending their headers too slowly.",
+                "# TYPE hubd_connections_timed_out_total counter",
+                f"hubd_connections_timed_out_total {connections.timed_out}",
+            ]
         return "\n".join(lines) + "\n"

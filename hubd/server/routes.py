@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from hubd import __version__
-from hubd.engine import Engine
+from hubd.engine import Engine, VerifyReport
+from hubd.entry import Entry
 from hubd.errors import BadHandle, BadRequest
+from hubd.eviction import gc_lock
+from hubd.executors import WAITS, run_in
 from hubd.manifest import ManifestEntry, parse_manifest
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
@@ -30,14 +34,19 @@ from hubd.server.api import (
     VerifyResponse,
     VerifyResult,
 )
-from hubd.server.guards import AdminPolicy, peer_creds, peer_socket
+from hubd.server.connections import ConnectionLimits
+from hubd.server.guards import AdminPolicy, RequestTimeout, peer_creds, peer_socket
 from hubd.server.metrics import Metrics
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 ENGINE = web.AppKey("engine", Engine)
 ADMIN = web.AppKey("admin", AdminPolicy)
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict)
+CONNECTIONS = web.AppKey("connections", ConnectionLimits)
+RUNNING = web.AppKey("running", dict)
+"""Shared runs of coalesced work (verify), by key."""
 _ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
@@ -46,16 +55,34 @@ def json_response(model: BaseModel, status: int = 200) -> web.Response:
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
+    raw = await _read_body(request)
     try:
         data = json.loads(raw or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", "send a JSON object") from None
+    except RecursionError:
+        raise _too_deep() from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise BadRequest(f"invalid request body: {problems}", "see /v1/openapi.json for the schema") from None
+
+
+def _too_deep() -> BadRequest:
+    return BadRequest("the request body nests too deeply", "no request of API v1 nests more than a few levels")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, within `header_timeout`: a client trickling its body holds no connection for long."""
+    timeout = _engine(request).settings.header_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} s", "send the whole request at once"
+        ) from None
 
 
 def _engine(request: web.Request) -> Engine:
@@ -117,7 +144,11 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
     if request.content_type in ("application/toml", "text/x-toml", "text/plain"):
-        manifest = parse_manifest(await request.text(), "request body")
+        raw = await _read_body(request)
+        try:
+            manifest = parse_manifest(raw.decode(request.charset or "utf-8", "replace"), "request body")
+        except RecursionError:
+            raise _too_deep() from None
         wanted = manifest.model
     else:
         wanted = (await parse_body(request, PrefetchRequest)).model
@@ -131,20 +162,44 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
 async def _stream_resolves(
     request: web.Request, wanted: Iterable[ManifestEntry], summary: bool
 ) -> web.StreamResponse:
-    """Stream NDJSON events; a client that disconnects stops reading, the fetches go on for everyone else."""
+    """Stream NDJSON events; a client that disconnects stops reading, the fetches go on for everyone else.
+
+    After `stream_heartbeat` seconds of silence a blank line goes out: clients give up on a silent stream, and a
+    fetch can be quiet for long (waiting for another process's download, verifying a large model).
+    """
+    heartbeat = _engine(request).settings.stream_heartbeat
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     connected = True
+
+    async def send(data: bytes) -> None:
+        nonlocal connected
+        if connected:
+            try:
+                await response.write(data)
+            except (ConnectionError, RuntimeError):  # the client went away: a normal end, not a server error
+                connected = False
+
     uid = peer_creds(sock)[1] if (sock := peer_socket(request)) else None
-    async for event in resolve_many(_engine(request), wanted, summary=summary, uid=uid):
-        if not connected:
-            break  # nobody reads: withdraw from the fetches (each stops unless someone else waits for it)
-        try:
-            await response.write(event.model_dump_json().encode() + b"\n")
-        except (ConnectionResetError, RuntimeError):
-            connected = False
+    events = aiter(resolve_many(_engine(request), wanted, summary=summary, uid=uid))
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({following}, timeout=heartbeat))[0]:
+                await send(b"\n")
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                break
+            await send(event.model_dump_json().encode() + b"\n")
+            if not connected:
+                break  # nobody reads: withdraw from the fetches (each stops unless someone else waits for it)
+    finally:
+        if not following.done():
+            following.cancel()
     if connected:
-        await response.write_eof()
+        with contextlib.suppress(ConnectionError, RuntimeError):  # gone after the last event: nothing was lost
+            await response.write_eof()
     return response
 
 
@@ -169,7 +224,14 @@ async def get_model(request: web.Request) -> web.Response:
 async def delete_model(request: web.Request) -> web.Response:
     model_id = _model_id(request)
     request.app[ADMIN].check(request)
-    return json_response(_engine(request).remove(model_id))
+    return json_response(await run_in(WAITS, _remove_exclusively, _engine(request), model_id))
+
+
+def _remove_exclusively(engine: Engine, model_id: str) -> Entry:
+    """Remove a model under the gc lock, so never in the middle of a publish or a collection (in a thread: the
+    wait, and deleting a large tree, take long)."""
+    with gc_lock(engine.store, shared=False):
+        return engine.remove(model_id)
 
 
 async def gc(request: web.Request) -> web.Response:
@@ -204,7 +266,16 @@ async def verify(request: web.Request) -> web.Response:
         _remote_only(body.handle)
     if body.handle is None:
         request.app[ADMIN].check(request)  # re-hashing every model is heavy: anyone may check one, admins all
-    reports = await _engine(request).verify(body.handle, heal=body.heal)
+    engine = _engine(request)
+    # Concurrent verifies of one model (or of all) share one run: asking twelve times costs one re-hash.
+    target = engine.find(body.handle).digest if body.handle is not None else None
+    metrics = request.app[METRICS]
+
+    def start() -> Awaitable[list[VerifyReport]]:
+        metrics.verify_runs += 1
+        return engine.verify(body.handle, body.heal)
+
+    reports = await _shared(request.app, ("verify", target, body.heal), start)
     results = [
         VerifyResult(id=r.entry.id, handles=r.entry.handles, problems=r.problems, healed=r.healed) for r in reports
     ]
@@ -212,7 +283,7 @@ async def verify(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = await asyncio.to_thread(request.app[METRICS].render, _engine(request))
+    text = await asyncio.to_thread(request.app[METRICS].render, _engine(request), request.app.get(CONNECTIONS))
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -220,7 +291,19 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
+async def _shared(app: web.Application, key: Hashable, start: Callable[[], Awaitable[T]]) -> T:
+    """The result of `start()`, run once for every caller that asks with the same `key` while it runs."""
+    running = app[RUNNING]
+    task = running.get(key)
+    if task is None:
+        task = asyncio.ensure_future(start())
+        running[key] = task
+        task.add_done_callback(lambda _t: running.pop(key, None))
+    return cast(T, await asyncio.shield(task))  # a caller that goes away does not cancel the others' run
+
+
 def add_routes(app: web.Application) -> None:
+    app[RUNNING] = {}
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/resolve", resolve)
     app.router.add_post("/v1/pull", pull)

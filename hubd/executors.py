@@ -1,0 +1,42 @@
+"""Bounded thread pools for blocking work, one per kind, off the event loop and off asyncio's default pool.
+
+Every `asyncio.to_thread` shares the default pool (min(32, cores + 4) threads), so a dozen re-hashes of a large
+model or a few waits for another process's flock used to starve everything else that runs there (listing models,
+publishing). Each kind of work here has its own pool, sized for it:
+
+- `HIT_CHECKS`: a cache hit's quick check (one lstat per file: 0.1 s for a 20,000-file model), coalesced, so
+  many clients resolving one model at once share one check;
+- `HASHING`: full re-hashes (verify), CPU-bound: as many as there are cores, the rest queue;
+- `WAITS`: waits that can last (a flock another process holds, the gc lock) and the work done under them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+HIT_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubd-hit")
+HASHING = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="hubd-hash")
+WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hubd-wait")
+
+_running: dict[Hashable, asyncio.Future[Any]] = {}
+
+
+async def run_in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in `pool`; a cancelled caller stops waiting, the call itself runs to its end."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+async def coalesced(pool: ThreadPoolExecutor, key: Hashable, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in `pool`, shared with every caller that asks for the same `key` while it runs."""
+    future = _running.get(key)
+    if future is None:
+        future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        _running[key] = future
+        future.add_done_callback(lambda _f: _running.pop(key, None))
+    return await asyncio.shield(future)  # one caller giving up does not cancel the others' answer
