@@ -389,14 +389,19 @@ class Engine:
                     )
                 refs.append((key, Ref(canonical, given, meta.digest, meta.archive_sha256, time.time())))
             meta.names = [ref.canonical for _key, ref in refs]
-            self.store.publish(tree, meta)
+            # Object, meta, refs in that order, crash-safe; a full disk undoes it all (then 507 disk_full).
+            meta.names = self.store.publish_entry(tree, meta, refs).names
+            # The index and the view are derived from those files: their failures are logged, never a 500.
             self.index.record(meta)
-            for key, ref in refs:
-                self.store.write_ref(key, ref)
+            for _key, ref in refs:
                 self.index.bind(ref.canonical, meta.digest)
-                if self.view is not None:
-                    self.view.link(ref)
             self.index.touch(meta.digest)
+            if self.view is not None:
+                try:
+                    for _key, ref in refs:
+                        self.view.link(ref)
+                except OSError as exc:
+                    logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
         self._meta_cache[meta.digest] = meta
 
     def _healthy(self, digest: str) -> bool:
