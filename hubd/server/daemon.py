@@ -165,6 +165,9 @@ class Daemon:
         self.limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_user, settings.header_timeout
         )
+        self.mirror_limits = ConnectionLimits(
+            settings.max_connections, settings.max_connections_per_user, settings.header_timeout
+        )
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
 
@@ -188,7 +191,12 @@ class Daemon:
             keepalive_timeout=self.settings.idle_timeout,
         )
         await runner.setup()
-        mirror_runner = web.AppRunner(create_mirror_app(self.engine), handle_signals=False, access_log=None)
+        mirror_runner = web.AppRunner(
+            create_mirror_app(self.engine),
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=self.settings.idle_timeout,
+        )
         await mirror_runner.setup()
         watchers = Watchers(self.engine, self.settings)
         try:
@@ -196,7 +204,7 @@ class Daemon:
             for spec in self.settings.mirror_listen:
                 sock = bind_mirror(spec)
                 host, port = sock.getsockname()[:2]
-                await web.SockSite(mirror_runner, sock).start()
+                await self.mirror_limits.site(mirror_runner, sock).start()  # the LAN's own limits
                 addresses.append(f"mirror:http://{host if ':' not in host else f'[{host}]'}:{port}")
             watchers.start(asyncio.get_running_loop())
             view_task = asyncio.create_task(self.engine.rebuild_view())
