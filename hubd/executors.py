@@ -13,6 +13,7 @@ publishing). Each kind of work here has its own pool, sized for it:
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +34,14 @@ async def run_in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> 
 
 
 async def coalesced(pool: ThreadPoolExecutor, key: Hashable, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in `pool`, shared with every caller that asks for the same `key` while it runs."""
+    """`fn(*args)` in `pool`, shared with every caller that asks for the same `key` while it runs.
+
+    Each caller gets its own (shallow) copy of the result, so one caller setting a field changes no other's.
+    """
     future = _running.get(key)
     if future is None:
         future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         _running[key] = future
         future.add_done_callback(lambda _f: _running.pop(key, None))
-    return await asyncio.shield(future)  # one caller giving up does not cancel the others' answer
+    result: T = await asyncio.shield(future)  # one caller giving up does not cancel the others' answer
+    return copy.copy(result)
