@@ -212,11 +212,8 @@ def main() -> None:
                 "connects_refused_by_full_queue": len(busy),
             }
             metrics = call(daemon.unix(), "GET", "/metrics").body.decode()
-            results["verify_runs"] = next(
-                float(line.split()[-1])
-                for line in metrics.splitlines()
-                if line.startswith("hubd_verify_runs_total")
-            )
+            counted = [line for line in metrics.splitlines() if line.startswith("hubd_verify_runs_total")]
+            results["verify_runs"] = float(counted[0].split()[-1]) if counted else float("nan")  # before #10
         finally:
             daemon.stop()
     finally:
