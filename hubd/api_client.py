@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from hubd_client.paths import UntrustedSocket, connect_checked
@@ -142,8 +143,13 @@ class DaemonClient:
         data = await self._json("GET", "/v1/models")
         return [Entry.model_validate(e) for e in data["models"]]
 
-    async def remove(self, model_id: str) -> Entry:
-        return Entry.model_validate(await self._json("DELETE", f"/v1/models/{model_id}"))
+    async def remove(self, model_id: str, force: bool = False) -> Entry:
+        query = "?force=1" if force else ""
+        return Entry.model_validate(await self._json("DELETE", f"/v1/models/{model_id}{query}"))
+
+    async def audit(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        path = "/v1/audit" + (f"?{urlencode(query)}" if query else "")
+        return list((await self._json("GET", path))["records"])
 
     async def verify(self, handle: str | None, heal: bool) -> list[dict[str, Any]]:
         data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal}, long=True)

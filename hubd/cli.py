@@ -21,6 +21,7 @@ from hubd_client.handles import parse_handle
 
 from hubd import __version__
 from hubd.api_client import DaemonClient, error_from
+from hubd.audit import ACTIONS, AuditLog, parse_time, uid_of, user_name
 from hubd.config import Settings, load_settings
 from hubd.engine import Engine
 from hubd.entry import Entry
@@ -28,6 +29,7 @@ from hubd.errors import BadRequest, HubdError, UnknownModel
 from hubd.manifest import load_manifest
 from hubd.prefetch import resolve_many
 from hubd.progress import ProgressBar, ProgressBoard, human_bytes
+from hubd.server.logs import LEVELS
 
 _ID_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="let root or admins in another user or PID namespace (a container) act as admins",
     )
     serve.add_argument("--socket-group", help="group that may use the socket (mode 0660)")
+    serve.add_argument(
+        "--log-level", choices=LEVELS, help="debug adds an access log (default info; env HUBD_LOG_LEVEL)"
+    )
     serve.set_defaults(run=_serve)
 
     pull = commands.add_parser("pull", parents=[common], help="fetch a model if needed and print its path")
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = commands.add_parser("ls", parents=[common], help="list cached models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--user", help="only models this user (name or uid) asked for")
     ls.set_defaults(run=_ls)
 
     verify = commands.add_parser("verify", parents=[common], help="re-hash cached models; heal broken ones")
@@ -93,8 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
 
     rm = commands.add_parser("rm", parents=[common], help="remove a model from the cache")
-    rm.add_argument("handle", help="a handle or id")
+    rm.add_argument("handle", help="a handle, alias or id")
+    rm.add_argument("--force", action="store_true", help="remove it even when a manifest pins it")
     rm.set_defaults(run=_rm)
+
+    audit = commands.add_parser("audit", parents=[common], help="who deleted, evicted, pinned or imported what")
+    audit.add_argument("--since", help="from this time (epoch seconds or ISO 8601, e.g. 2026-11-26T09:00)")
+    audit.add_argument("--until", help="up to this time")
+    audit.add_argument("--uid", help="only this user (name or uid)")
+    audit.add_argument("--action", choices=ACTIONS, help="only this action")
+    audit.add_argument("--limit", type=int, default=10000, help="the most recent N records (default 10000)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.set_defaults(run=_audit)
     return parser
 
 
@@ -182,7 +198,7 @@ async def _stream_into_bar(events: AsyncIterator[Any], bar: ProgressBar) -> Entr
 def _serve(args: argparse.Namespace) -> int:
     from hubd.server.daemon import serve
 
-    return serve(settings_from(args))
+    return serve(settings_from(args), args.log_level)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -195,7 +211,7 @@ def _pull(args: argparse.Namespace) -> int:
         return 0
 
     async def in_process(engine: Engine) -> int:
-        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar)
+        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar, uid=os.getuid())
         print(entry.path)
         return 0
 
@@ -226,11 +242,14 @@ def _prefetch(args: argparse.Namespace) -> int:
                 board.finish(data["handle"], "failed")
         return failed
 
+    source = str(args.manifest_file.resolve())
+
     async def via_daemon(client: DaemonClient) -> int:
-        return await consume(client.stream("/v1/prefetch", manifest.model_dump()))
+        return await consume(client.stream("/v1/prefetch", {**manifest.model_dump(), "source": source}))
 
     async def in_process(engine: Engine) -> int:
-        return await consume(resolve_many(engine, manifest.model))
+        engine.claim_aliases(source, [(m.name, m.handle, m.sha256) for m in manifest.model])
+        return await consume(resolve_many(engine, manifest.model, uid=os.getuid(), source=source))
 
     try:
         failed = asyncio.run(
@@ -246,8 +265,12 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    only = uid_of(args.user) if args.user else None
+
     def show(entries: list[Entry]) -> int:
         entries = sorted(entries, key=lambda e: e.fetched_at)
+        if only is not None:
+            entries = [e for e in entries if only in e.users]
         print(json.dumps([e.model_dump() for e in entries], indent=2) if args.json else _table(entries))
         return 0
 
@@ -261,14 +284,17 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _table(entries: list[Entry]) -> str:
-    rows = [("ID", "SIZE", "STATE", "LAST USED", "HANDLES")]
+    rows = [("ID", "SIZE", "STATE", "LAST USED", "USERS", "ALIASES", "HANDLES")]
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
         state = e.state + (",pinned" if e.pinned else "")
-        rows.append((e.id[:12], human_bytes(e.size_bytes), state, used, ", ".join(e.handles)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        users = ",".join(user_name(uid) or str(uid) for uid in e.users) or "-"
+        aliases = ",".join(e.aliases) or "-"
+        rows.append((e.id[:12], human_bytes(e.size_bytes), state, used, users, aliases, ", ".join(e.handles)))
+    last = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(last)]
     lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
-    return "\n".join(f"{line}  {row[4]}" for line, row in zip(lines, rows, strict=True))
+    return "\n".join(f"{line}  {row[last]}" for line, row in zip(lines, rows, strict=True))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -308,15 +334,19 @@ def _rm(args: argparse.Namespace) -> int:
 
     async def via_daemon(client: DaemonClient) -> int:
         if _ID_PREFIX.fullmatch(args.handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
-            return report(await client.remove(args.handle))
+            return report(await client.remove(args.handle, args.force))
+        entries = await client.entries()
+        for entry in entries:
+            if args.handle in entry.aliases:
+                return report(await client.remove(entry.id, args.force))
         canonical = parse_handle(args.handle, frozenset(client.settings.http_hosts)).canonical
-        for entry in await client.entries():
+        for entry in entries:
             if canonical in entry.handles:
-                return report(await client.remove(entry.id))
+                return report(await client.remove(entry.id, args.force))
         raise UnknownModel(f"no cached model matches {args.handle!r}", "see `hubd ls` for what is cached")
 
     async def in_process(engine: Engine) -> int:
-        return report(engine.remove(args.handle))
+        return report(engine.remove(args.handle, uid=os.getuid(), force=args.force))
 
     return asyncio.run(_run(args, via_daemon, in_process))
 
@@ -360,6 +390,9 @@ def _status(args: argparse.Namespace) -> int:
             f"upstream  {upstream['url']}: {'reachable' if upstream['reachable'] else 'UNREACHABLE'}"
             f" ({upstream['detail']})"
         )
+        for usage in status.get("users", []):
+            who = usage["user"] or f"uid {usage['uid']}"
+            print(f"user      {who}: {human_bytes(usage['size_bytes'])} in {usage['entries']} models")
         return 0
 
     async def via_daemon(client: DaemonClient) -> int:
@@ -369,6 +402,44 @@ def _status(args: argparse.Namespace) -> int:
         from hubd.server.routes import cache_status
 
         return show((await cache_status(engine)).model_dump())
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
+def _audit(args: argparse.Namespace) -> int:
+    query = {k: v for k in ("since", "until", "uid", "action") if (v := getattr(args, k))}
+    for when in ("since", "until"):
+        if when in query:
+            parse_time(query[when])  # a bad time is refused here, in the user's words, before anything is sent
+    query["limit"] = str(args.limit)
+
+    def show(records: list[dict[str, Any]]) -> int:
+        if args.json:
+            print(json.dumps(records, indent=2))
+            return 0
+        for r in records:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+            who = r["user"] or (f"uid {r['uid']}" if r["uid"] is not None else "hubd")
+            model = (r["model_id"] or "-")[:12]
+            detail = f"  ({r['detail']})" if r["detail"] else ""
+            print(
+                f"{when}  {who:<12} {r['action']:<10} {model:<12} {r['outcome']:<8} {r['handle'] or '-'}{detail}"
+            )
+        return 0
+
+    async def via_daemon(client: DaemonClient) -> int:
+        return show(await client.audit(query))
+
+    async def in_process(engine: Engine) -> int:
+        records = list(
+            AuditLog(engine.settings.cache_dir).read(
+                since=parse_time(query["since"]) if "since" in query else None,
+                until=parse_time(query["until"]) if "until" in query else None,
+                uid=uid_of(query["uid"]) if "uid" in query else None,
+                action=query.get("action"),
+            )
+        )
+        return show([r.model_dump() for r in records[-args.limit :]] if args.limit > 0 else [])
 
     return asyncio.run(_run(args, via_daemon, in_process))
 

@@ -16,15 +16,18 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 from hubd_client.handles import AnyHost, Source, kaggle_canonical_from_url, origin, origin_allowed, parse_handle
 
+from hubd.audit import AuditLog
+from hubd.catalog import Catalog, claims_of
 from hubd.config import Settings
 from hubd.entry import Entry
 from hubd.errors import (
@@ -45,9 +48,12 @@ from hubd.fetch import Download, FetchResult, ProgressCallback, ResumeSpool, mak
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
+from hubd.slots import FetchSlots
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
 from hubd.verify import full_problems, quick_problems, structural_problems
+
+log = logging.getLogger("hubd.engine")
 
 
 @dataclass
@@ -61,6 +67,10 @@ class _Flight:
     cancellable: bool = True
     """Until the archive is whole: then verifying and publishing finish anyway (cheap, and a publish cut
     half-way would race the staging clean-up)."""
+    uid: int | None = None
+    """Who started it: the import is recorded in their name."""
+    interactive: bool = False
+    """Someone waits for it at a prompt (not only a prefetch): it goes before prefetches for a slot."""
 
     def emit(self, phase: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -75,6 +85,13 @@ class RefConflict(HubdError):
     """A handle already names another verified model: a cached handle never silently changes what it loads."""
 
     code = "ref_conflict"
+    http_status = 409
+
+
+class PinnedModel(HubdError):
+    """`rm` of a model a manifest pins: refused unless forced, so a manifest's model does not vanish unnoticed."""
+
+    code = "pinned"
     http_status = 409
 
 
@@ -97,9 +114,12 @@ class Engine:
         self._index: Index | None = None
         self._session: aiohttp.ClientSession | None = None
         self._flights: dict[str, _Flight] = {}
-        self._fetch_slots = asyncio.Semaphore(settings.max_fetches)
-        self._user_slots: dict[int | None, asyncio.Semaphore] = {}
+        self._fetch_slots = FetchSlots(settings.max_fetches)
+        self._user_slots: dict[int | None, FetchSlots] = {}
         """Per uid (None: callers without one, e.g. over TCP, share a bucket); bounded by the machine's users."""
+        self.catalog = Catalog(settings.cache_dir, fsync=settings.fsync)
+        """Who asked for each model, and the aliases manifests give models."""
+        self.audit = AuditLog(settings.cache_dir, fsync=settings.fsync)
         self._meta_cache: dict[str, ObjectMeta] = {}
         self.view = TfhubView(self.store) if settings.tfhub_view else None
         self.stats: dict[str, float] = {
@@ -112,6 +132,7 @@ class Engine:
 
     async def start(self) -> None:
         self.store.ensure_layout()
+        self.catalog.load()
         self.store.clean_stale_staging()
         await asyncio.to_thread(self._drop_stale_spools)
         self._index = Index(self.store)
@@ -201,25 +222,37 @@ class Engine:
         sha256: str | None = None,
         on_progress: ProgressCallback | None = None,
         uid: int | None = None,
+        interactive: bool = True,
     ) -> Entry:
-        """The published entry for `handle`, fetching it once if needed.
+        """The published entry for `handle` (or for the handle a manifest names so), fetching it once if needed.
 
-        `uid` is the caller's (SO_PEERCRED): a new fetch waits its turn under HUBD_MAX_FETCHES_PER_USER for that
-        uid and HUBD_MAX_FETCHES for everyone; joining a fetch already running costs no slot."""
+        `uid` is the caller's (SO_PEERCRED): it is recorded as one of the entry's users, and a new fetch waits its
+        turn under HUBD_MAX_FETCHES_PER_USER for that uid and HUBD_MAX_FETCHES for everyone; joining a fetch
+        already running costs no slot. A prefetch (`interactive=False`) yields slots to interactive resolves."""
+        alias = self.catalog.alias(handle)
+        if alias is not None:  # a manifest's name: the handle (and archive sha256) the manifest gives it
+            handle, sha256 = alias.handle, sha256 or alias.sha256
         source = self.parse(handle)
         if source.kind == "local":
             return _local_entry(source)
         sha256 = sha256.lower() if sha256 else None
+        started = time.monotonic()
         cached = await coalesced(
             HIT_CHECKS, (self.store.root, source.ref_key, sha256), self.cached_entry, source, sha256
         )
         if cached is not None:
             self.stats["hits"] += 1
-            return cached
+            log.info("fetch handle=%s cache=hit bytes=0 seconds=%.3f", source.handle, time.monotonic() - started)
+            return self._attributed(cached, uid)
         if self.settings.offline:
             raise self._not_cached(source, "hubd is offline")
         self.stats["misses"] += 1
-        return await self._join_flight(source, sha256, on_progress, uid)
+        return self._attributed(await self._join_flight(source, sha256, on_progress, uid, interactive), uid)
+
+    def _attributed(self, entry: Entry, uid: int | None) -> Entry:
+        self.catalog.attribute(entry.id, uid)
+        entry.users = self.catalog.users(entry.id)
+        return entry
 
     def cached_entry(self, source: Source, sha256: str | None = None) -> Entry | None:
         """A verified entry for `source` without touching the network, or None. Broken trees are quarantined."""
@@ -239,12 +272,22 @@ class Engine:
         return self._entry(meta, last_used=time.time())
 
     async def _join_flight(
-        self, source: Source, sha256: str | None, on_progress: ProgressCallback | None, uid: int | None
+        self,
+        source: Source,
+        sha256: str | None,
+        on_progress: ProgressCallback | None,
+        uid: int | None,
+        interactive: bool = True,
     ) -> Entry:
         key = f"{source.ref_key}:{sha256 or ''}"
         flight = self._flights.get(key)
+        if flight is not None and interactive and not flight.interactive:
+            flight.interactive = True  # a queued prefetch someone now waits for moves ahead
+            self._fetch_slots.wake()
+            for slots in self._user_slots.values():
+                slots.wake()
         if flight is None:
-            flight = _Flight()
+            flight = _Flight(uid=uid, interactive=interactive)
             self._flights[key] = flight
             flight.task = asyncio.create_task(self._fetch_limited(source, sha256, flight, uid))
             flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
@@ -264,12 +307,28 @@ class Engine:
 
     async def _fetch_limited(self, source: Source, sha256: str | None, flight: _Flight, uid: int | None) -> Entry:
         """Wait for a slot of the caller's uid, then a global one (in that order, so one user's queue never
-        holds global slots), then fetch. Waiting fetches are reported as phase "queued"."""
-        user = self._user_slots.setdefault(uid, asyncio.Semaphore(self.settings.max_fetches_per_user))
-        if user.locked() or self._fetch_slots.locked():
+        holds global slots), then fetch. Waiting fetches are reported as phase "queued". Interactive fetches go
+        first and prefetches hold only a share of the slots (see hubd.slots)."""
+        user = self._user_slots.setdefault(uid, FetchSlots(self.settings.max_fetches_per_user))
+        if user.busy(flight.interactive) or self._fetch_slots.busy(flight.interactive):
             flight.emit("queued", 0, None)
-        async with user, self._fetch_slots:
-            return await self._fetch_locked(source, sha256, flight)
+
+        def interactive() -> bool:
+            return flight.interactive
+
+        started = time.monotonic()
+        try:
+            async with user.slot(interactive), self._fetch_slots.slot(interactive):
+                return await self._fetch_locked(source, sha256, flight)
+        except HubdError as exc:
+            log.warning(
+                "fetch handle=%s cache=miss failed after %.2f s: %s: %s",
+                source.handle,
+                time.monotonic() - started,
+                exc.code,
+                exc.message,
+            )
+            raise
 
     async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         flight.emit("waiting", 0, None)
@@ -351,7 +410,25 @@ class Engine:
             )
             flight.emit("publish", 0, None)
             await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
-            self.stats["fetch_seconds"] += time.monotonic() - started
+            seconds = time.monotonic() - started
+            self.stats["fetch_seconds"] += seconds
+            where = self._where_from(url, result)
+            log.info(
+                "fetch handle=%s cache=miss bytes=%d seconds=%.2f from=%s",
+                source.handle,
+                result.size,
+                seconds,
+                where,
+            )
+            await asyncio.to_thread(
+                self.audit.record,
+                "import",
+                flight.uid,
+                meta.digest,
+                source.handle,
+                "ok",
+                f"{result.size} bytes from {where}",
+            )
             if self.settings.max_size is not None:
                 await asyncio.to_thread(collect, self, self.settings.max_size, False, frozenset({meta.digest}))
             return self._entry(meta, last_used=time.time())
@@ -403,6 +480,11 @@ class Engine:
                 except OSError as exc:
                     logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
         self._meta_cache[meta.digest] = meta
+
+    def _where_from(self, url: str, result: FetchResult) -> str:
+        """upstream or mirror, with "spool+" in front when part of the archive came from a resume spool."""
+        where = "mirror" if self.settings.mirror and self._from_mirror(url) else "upstream"
+        return f"spool+{where}" if result.replayed else where
 
     def _healthy(self, digest: str) -> bool:
         """Whether a published object is present and passes the quick check (a cache hit's test)."""
@@ -456,7 +538,8 @@ class Engine:
     def _quarantine(self, digest: str, problems: list[str]) -> None:
         if self.view is not None:
             self.view.unlink_digest(digest)
-        self.store.quarantine(digest, "; ".join(problems))
+        if self.store.quarantine(digest, "; ".join(problems)) is not None:
+            self.audit.record("quarantine", None, digest, self._first_name(digest), detail="; ".join(problems))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -481,9 +564,29 @@ class Engine:
                 self._meta_cache[digest] = meta
         return meta
 
-    def pin(self, digest: str, name: str) -> None:
-        """Mark an object as wanted by a manifest: eviction never removes it."""
+    def pin(self, digest: str, name: str, uid: int | None = None) -> None:
+        """Mark an object as wanted by a manifest (`name` says which): eviction never removes it."""
+        if name in self.store.pin_names(digest):
+            return
         self.store.pin(digest, name)
+        self.audit.record("pin", uid, digest, self._first_name(digest), detail=name)
+
+    def claim_aliases(self, source: str, items: Iterable[tuple[str | None, str, str | None]]) -> None:
+        """Point the names a manifest (`source`) gives, as (name, handle, sha256), at their models. When another
+        manifest gives a name to another model: an `AliasConflict` naming both manifests, and no change."""
+        self.catalog.claim(source, claims_of(items, lambda handle: self.parse(handle).canonical))
+
+    def unpin(self, digest: str, uid: int | None = None) -> list[str]:
+        """Drop every pin of an object; returns what pinned it."""
+        names = self.store.pin_names(digest)
+        if names or self.store.is_pinned(digest):
+            self.store.unpin(digest)
+            self.audit.record("unpin", uid, digest, self._first_name(digest), detail="; ".join(names))
+        return names
+
+    def _first_name(self, digest: str) -> str | None:
+        meta = self._meta(digest)
+        return meta.names[0] if meta is not None and meta.names else None
 
     def entry_for(self, meta: ObjectMeta) -> Entry:
         return self._entry(meta)
@@ -505,6 +608,8 @@ class Engine:
             state="broken" if problems or not present else "ok",
             pinned=self.store.is_pinned(meta.digest),
             problems=problems or ([] if present else ["quarantined: failed verification"]),
+            users=self.catalog.users(meta.digest),
+            aliases=self.catalog.aliases_for(meta.names),
         )
 
     def list_entries(self) -> list[Entry]:
@@ -513,6 +618,9 @@ class Engine:
     def find(self, handle_or_id: str) -> ObjectMeta:
         """The object a handle or an id (or an unambiguous id prefix) names."""
         digest: str | None = None
+        alias = self.catalog.alias(handle_or_id)
+        if alias is not None:
+            handle_or_id = alias.handle
         if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
             matches = {p.stem for p in self.store.meta_dir.glob(f"{handle_or_id}*.json")}
             if len(matches) > 1:
@@ -527,15 +635,45 @@ class Engine:
             raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
         return meta
 
-    def remove(self, handle_or_id: str) -> Entry:
+    def remove(self, handle_or_id: str, uid: int | None = None, force: bool = False) -> Entry:
+        """`hubd rm`: a pinned model only with `force` (its pins go first, and are recorded as unpinned)."""
         meta = self.find(handle_or_id)
-        return self.remove_digest(meta.digest)
+        handle = None if meta.digest.startswith(handle_or_id) else handle_or_id  # an id: its first name instead
+        pins = self.store.pin_names(meta.digest)
+        if pins and not force:
+            why = f"pinned by {'; '.join(pins)}"
+            self.audit.record("delete", uid, meta.digest, handle or _first(meta.names), f"refused: {why}")
+            raise PinnedModel(
+                f"{handle_or_id} (model {meta.digest[:12]}) is {why}",
+                "remove it from that manifest first, or delete it anyway with `hubd rm --force` (a manifest the "
+                "daemon watches fetches it again)",
+            )
+        if pins:
+            self.unpin(meta.digest, uid)
+        return self.remove_digest(meta.digest, uid=uid, handle=handle)
 
-    def remove_digest(self, digest: str) -> Entry:
+    def remove_digest(
+        self,
+        digest: str,
+        uid: int | None = None,
+        action: Literal["delete", "evict"] = "delete",
+        handle: str | None = None,
+    ) -> Entry:
         """Delete an object, every ref to it, its pin, its index records and its tensorflow_hub links."""
         meta = self.store.read_meta(digest)
         if meta is None:
             raise UnknownModel(f"no cached model has id {digest}", "see `hubd ls` for what is cached")
+        handle = handle or _first(meta.names)
+        try:
+            entry = self._remove(meta)
+        except Exception as exc:
+            self.audit.record(action, uid, digest, handle, f"failed: {exc}")
+            raise
+        self.audit.record(action, uid, digest, handle, detail=f"{meta.size_bytes} bytes")
+        return entry
+
+    def _remove(self, meta: ObjectMeta) -> Entry:
+        digest = meta.digest
         entry = self._entry(meta)
         for ref in self.store.iter_refs():
             if ref.digest == digest:
@@ -545,6 +683,7 @@ class Engine:
             self.view.unlink_digest(digest)
         self.store.remove_object(digest)
         self.index.forget(digest)
+        self.catalog.forget(digest)
         self._meta_cache.pop(digest, None)
         return entry
 
@@ -579,15 +718,21 @@ class Engine:
         return reports
 
     async def _heal(self, meta: ObjectMeta) -> bool:
+        why = "no handle names it"
         for ref in self.store.iter_refs():
             if ref.digest != meta.digest:
                 continue
             try:
                 entry = await self.resolve(ref.handle)
-            except HubdError:
+            except HubdError as exc:
+                why = exc.message
                 continue
             if entry.state == "ok":
+                # In line (one small append): the healed entry is already served, and the heal's report follows.
+                self.audit.record("heal", None, meta.digest, ref.handle)
                 return True
+        handle = meta.names[0] if meta.names else None
+        self.audit.record("heal", None, meta.digest, handle, f"failed: {why}")
         return False
 
 
@@ -670,6 +815,10 @@ def _read_mirror_key(path: Path | None) -> bytes | None:
             f"the mirror key in {path} is too short", "use at least 16 random bytes, e.g. `openssl rand -hex 32`"
         )
     return key
+
+
+def _first(names: list[str]) -> str | None:
+    return names[0] if names else None
 
 
 def _ref_key(canonical: str) -> str:

@@ -30,3 +30,7 @@ class Entry(BaseModel):
     state: EntryState = "ok"
     pinned: bool = False
     problems: list[str] = []
+    users: list[int] = []
+    """The uids that asked for it (resolve, pull or prefetch), in the order of their numbers."""
+    aliases: list[str] = []
+    """Names manifests give it (`name = ...`); each resolves like a handle."""

@@ -100,7 +100,7 @@ def collect(
         over = [] if max_size is None else _least_needed(plan.candidates, report.size_before - max_size, plan)
         for entry in [*plan.orphans, *over]:
             if not dry_run:
-                engine.remove_digest(entry.id)
+                engine.remove_digest(entry.id, action="evict")
             report.removed.append(entry)
             report.freed_bytes += entry.size_bytes
         report.size_after = report.size_before - report.freed_bytes

@@ -16,8 +16,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hubd.catalog import alias_problem
 from hubd.errors import BadRequest
 
 
@@ -27,13 +28,36 @@ class ManifestEntry(BaseModel):
     handle: str = Field(min_length=1, max_length=2048)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     name: str | None = Field(None, max_length=200)
+    """An alias: once the manifest is applied, resolves like the handle (`hubd pull NAME`, `hub.resolve`)."""
     pin: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_word(cls, value: str | None) -> str | None:
+        problem = alias_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: list[ManifestEntry] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _one_model_per_name(self) -> Manifest:
+        first: dict[str, tuple[int, ManifestEntry]] = {}
+        for position, item in enumerate(self.model):
+            if item.name is None:
+                continue
+            seen = first.setdefault(item.name, (position, item))
+            if (seen[1].handle, seen[1].sha256) != (item.handle, item.sha256):
+                raise ValueError(
+                    f"model[{position}] and model[{seen[0]}] are both named {item.name!r} "
+                    f"({item.handle} and {seen[1].handle})"
+                )
+        return self
 
 
 def parse_manifest(text: str, source: str = "manifest") -> Manifest:

@@ -14,12 +14,19 @@ from hubd.manifest import ManifestEntry
 
 
 async def resolve_many(
-    engine: Engine, wanted: Iterable[ManifestEntry], summary: bool = True, uid: int | None = None
+    engine: Engine,
+    wanted: Iterable[ManifestEntry],
+    summary: bool = True,
+    uid: int | None = None,
+    interactive: bool = False,
+    source: str = "a manifest",
 ) -> AsyncIterator[BaseModel]:
     """Yield progress, then a done or error event per model, then (optionally) a summary.
 
     The fetches run in their own tasks. A consumer that stops iterating (and closes the generator) withdraws
-    from its fetches; a fetch stops only when nobody else waits for it (see `Engine.resolve`).
+    from its fetches; a fetch stops only when nobody else waits for it (see `Engine.resolve`). A prefetch is not
+    `interactive`: its fetches yield download slots to people waiting for a model. Pins name `source` (the
+    manifest), so `hubd rm` can say which manifest wants a model.
     """
     events: asyncio.Queue[BaseModel | None] = asyncio.Queue()
     limit = asyncio.Semaphore(engine.settings.prefetch_concurrency)
@@ -36,9 +43,11 @@ async def resolve_many(
 
         async with limit:
             try:
-                entry = await engine.resolve(item.handle, sha256=item.sha256, on_progress=progress, uid=uid)
+                entry = await engine.resolve(
+                    item.handle, sha256=item.sha256, on_progress=progress, uid=uid, interactive=interactive
+                )
                 if item.pin:
-                    engine.pin(entry.id, item.name or item.handle)
+                    engine.pin(entry.id, pin_name(item, source), uid)
                 events.put_nowait(DoneEvent(event="done", handle=item.handle, entry=entry))
                 done += 1
             except HubdError as exc:
@@ -62,3 +71,8 @@ async def resolve_many(
     finally:
         # The consumer left (a client disconnected): its fetches lose a waiter, and stop if it was the last.
         worker.cancel()
+
+
+def pin_name(item: ManifestEntry, source: str) -> str:
+    """What a pin records: the model's name in the manifest, and the manifest."""
+    return f"{item.name or item.handle} in {source}"

@@ -28,6 +28,7 @@ from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import HubdError
 from hubd.manifest import load_manifest
+from hubd.prefetch import pin_name
 
 log = logging.getLogger("hubd.watch")
 
@@ -137,10 +138,16 @@ class Watchers:
         except HubdError as exc:
             log.warning("manifest %s ignored: %s", path, exc)
             return
+        try:
+            self.engine.claim_aliases(
+                str(path), [(item.name, item.handle, item.sha256) for item in manifest.model]
+            )
+        except HubdError as exc:  # the models are still fetched; its names wait until the conflict is fixed
+            log.error("the names in manifest %s are not used: %s (%s)", path, exc.message, exc.hint)
         for item in manifest.model:
             try:
-                entry = await self.engine.resolve(item.handle, sha256=item.sha256)
+                entry = await self.engine.resolve(item.handle, sha256=item.sha256, interactive=False)
                 if item.pin:
-                    self.engine.pin(entry.id, item.name or item.handle)
+                    self.engine.pin(entry.id, pin_name(item, str(path)))
             except HubdError as exc:
                 log.warning("prefetch of %s from %s failed: %s", item.handle, path, exc)

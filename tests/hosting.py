@@ -81,6 +81,15 @@ class HostingServer:
         with self._cond:
             return self._cond.wait_for(lambda: self.bytes_sent[path.strip("/")] >= at_least, timeout)
 
+    def wait_any_sent(self, paths: list[str], at_least: int, timeout: float = 30.0) -> str | None:
+        """The first of `paths` to have sent `at_least` bytes (None after `timeout`)."""
+
+        def first() -> str | None:
+            return next((p for p in paths if self.bytes_sent[p.strip("/")] >= at_least), None)
+
+        with self._cond:
+            return self._cond.wait_for(first, timeout)
+
     def wait_disconnects(self, path: str, at_least: int = 1, timeout: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.disconnects[path.strip("/")] >= at_least, timeout)

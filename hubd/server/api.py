@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hubd.audit import AuditRecord
 from hubd.entry import Entry
 from hubd.events import ErrorDetail
 from hubd.manifest import ManifestEntry
@@ -34,6 +35,12 @@ class VerifyRequest(_Strict):
 
 class PrefetchRequest(_Strict):
     model: list[ManifestEntry] = Field(max_length=10_000)
+    source: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="Where the manifest comes from (its path): named by pins and in alias conflicts.",
+    )
 
 
 class GcRequest(_Strict):
@@ -58,6 +65,14 @@ class Upstream(_Strict):
     detail: str
 
 
+class UserUsage(_Strict):
+    uid: int
+    user: str | None
+    entries: int
+    size_bytes: int
+    """Bytes of the models this uid asked for (a model several users asked for counts for each)."""
+
+
 class Status(_Strict):
     cache_dir: str
     offline: bool
@@ -67,6 +82,11 @@ class Status(_Strict):
     size_bytes: int
     max_size: int | None
     upstream: Upstream
+    users: list[UserUsage] = []
+
+
+class AuditList(_Strict):
+    records: list[AuditRecord]
 
 
 class ErrorBody(_Strict):

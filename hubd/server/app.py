@@ -93,6 +93,7 @@ def openapi_document() -> dict[str, Any]:
         api.GcRequest,
         api.GcResponse,
         api.Status,
+        api.AuditList,
         Entry,
     ]
     _, schema = models_json_schema(
@@ -168,6 +169,16 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         "/v1/status": {"get": {"operationId": "status", "responses": responses(json_ok("Status"))}},
+        "/v1/audit": {
+            "get": {
+                "operationId": "audit",
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("since", "until", "uid", "action", "limit")
+                ],
+                "responses": responses(json_ok("AuditList")),
+            }
+        },
         "/metrics": {
             "get": {
                 "operationId": "metrics",

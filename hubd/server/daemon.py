@@ -19,6 +19,7 @@ from hubd_client.paths import is_system_daemon, socket_dir_problem
 from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import BadRequest
+from hubd.server import logs
 from hubd.server.app import create_app
 from hubd.server.connections import ConnectionLimits
 from hubd.server.guards import AdminPolicy
@@ -186,7 +187,8 @@ class Daemon:
         runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=None,
+            access_log=logs.access_log(),
+            access_log_format=logs.ACCESS_FORMAT,
             shutdown_timeout=30,
             keepalive_timeout=self.settings.idle_timeout,
         )
@@ -261,8 +263,8 @@ def check_descriptors(settings: Settings) -> None:
         )
 
 
-def serve(settings: Settings) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(settings: Settings, log_level: str | None = None) -> int:
+    logs.configure(log_level)
     check_descriptors(settings)
     asyncio.run(Daemon(settings).run())
     return 0

@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from hubd import __version__
+from hubd.audit import ACTIONS, parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
 from hubd.errors import BadHandle, BadRequest
@@ -21,6 +22,7 @@ from hubd.executors import WAITS, run_in
 from hubd.manifest import ManifestEntry, parse_manifest
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
+    AuditList,
     GcRequest,
     GcResponse,
     Health,
@@ -30,6 +32,7 @@ from hubd.server.api import (
     ResolveRequest,
     Status,
     Upstream,
+    UserUsage,
     VerifyRequest,
     VerifyResponse,
     VerifyResult,
@@ -127,19 +130,31 @@ def _remote_only(handle: str) -> None:
         raise _not_remote()
 
 
+def _expand_alias(engine: Engine, handle: str, sha256: str | None) -> tuple[str, str | None]:
+    """A manifest's name stands for its handle and sha256. Looked up in memory: a name that is no alias stays
+    what it was (to `_remote_only`, a relative path) and the filesystem is never consulted."""
+    alias = engine.catalog.alias(handle)
+    return (alias.handle, sha256 or alias.sha256) if alias is not None else (handle, sha256)
+
+
+def _uid(request: web.Request) -> int | None:
+    return peer_creds(sock)[1] if (sock := peer_socket(request)) else None
+
+
 async def resolve(request: web.Request) -> web.Response:
     body = await parse_body(request, ResolveRequest)
-    _remote_only(body.handle)
-    uid = peer_creds(sock)[1] if (sock := peer_socket(request)) else None
-    entry = await _engine(request).resolve(body.handle, sha256=body.sha256, uid=uid)
+    handle, sha256 = _expand_alias(_engine(request), body.handle, body.sha256)
+    _remote_only(handle)
+    entry = await _engine(request).resolve(handle, sha256=sha256, uid=_uid(request))
     return json_response(entry)
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, PullRequest)
-    _remote_only(body.handle)  # a bad handle is a plain 400, before the stream starts
-    wanted = [ManifestEntry(handle=body.handle, sha256=body.sha256, name=None)]
-    return await _stream_resolves(request, wanted, summary=False)
+    handle, sha256 = _expand_alias(_engine(request), body.handle, body.sha256)
+    _remote_only(handle)  # a bad handle is a plain 400, before the stream starts
+    wanted = [ManifestEntry(handle=handle, sha256=sha256, name=None)]
+    return await _stream_resolves(request, wanted, summary=False, interactive=True)
 
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
@@ -149,18 +164,28 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
             manifest = parse_manifest(raw.decode(request.charset or "utf-8", "replace"), "request body")
         except RecursionError:
             raise _too_deep() from None
-        wanted = manifest.model
+        wanted, given = manifest.model, None
     else:
-        wanted = (await parse_body(request, PrefetchRequest)).model
+        body = await parse_body(request, PrefetchRequest)
+        wanted, given = body.model, body.source
     for item in wanted:
         _remote_only(item.handle)
-    if any(item.pin for item in wanted):
-        request.app[ADMIN].check(request)  # pins change what eviction may remove: admins only
-    return await _stream_resolves(request, wanted, summary=True)
+    if any(item.pin or item.name for item in wanted):
+        # Pins change what eviction may remove, and names what a name resolves to for everyone: admins only.
+        request.app[ADMIN].check(request)
+    uid = _uid(request)
+    source = f"{given or 'a manifest'} (sent by {user_name(uid) or uid})" if uid is not None else given
+    source = source or "a manifest sent over TCP"
+    _engine(request).claim_aliases(source, [(item.name, item.handle, item.sha256) for item in wanted])
+    return await _stream_resolves(request, wanted, summary=True, interactive=False, source=source)
 
 
 async def _stream_resolves(
-    request: web.Request, wanted: Iterable[ManifestEntry], summary: bool
+    request: web.Request,
+    wanted: Iterable[ManifestEntry],
+    summary: bool,
+    interactive: bool,
+    source: str = "a manifest",
 ) -> web.StreamResponse:
     """Stream NDJSON events; a client that disconnects stops reading, the fetches go on for everyone else.
 
@@ -180,8 +205,11 @@ async def _stream_resolves(
             except (ConnectionError, RuntimeError):  # the client went away: a normal end, not a server error
                 connected = False
 
-    uid = peer_creds(sock)[1] if (sock := peer_socket(request)) else None
-    events = aiter(resolve_many(_engine(request), wanted, summary=summary, uid=uid))
+    events = aiter(
+        resolve_many(
+            _engine(request), wanted, summary=summary, uid=_uid(request), interactive=interactive, source=source
+        )
+    )
     try:
         while True:
             following = asyncio.ensure_future(anext(events))
@@ -224,14 +252,17 @@ async def get_model(request: web.Request) -> web.Response:
 async def delete_model(request: web.Request) -> web.Response:
     model_id = _model_id(request)
     request.app[ADMIN].check(request)
-    return json_response(await run_in(WAITS, _remove_exclusively, _engine(request), model_id))
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    return json_response(
+        await run_in(WAITS, _remove_exclusively, _engine(request), model_id, _uid(request), force)
+    )
 
 
-def _remove_exclusively(engine: Engine, model_id: str) -> Entry:
+def _remove_exclusively(engine: Engine, model_id: str, uid: int | None, force: bool) -> Entry:
     """Remove a model under the gc lock, so never in the middle of a publish or a collection (in a thread: the
-    wait, and deleting a large tree, take long)."""
+    wait, and deleting a large tree, take long). A pinned model only with `force` (?force=1)."""
     with gc_lock(engine.store, shared=False):
-        return engine.remove(model_id)
+        return engine.remove(model_id, uid=uid, force=force)
 
 
 async def gc(request: web.Request) -> web.Response:
@@ -248,7 +279,16 @@ async def status(request: web.Request) -> web.Response:
 async def cache_status(engine: Engine) -> Status:
     entries = await asyncio.to_thread(engine.list_entries)
     url, reachable, detail = await engine.check_upstream()
+    usage: dict[int, UserUsage] = {}
+    for entry in entries:
+        if entry.state != "ok":
+            continue
+        for uid in entry.users:
+            row = usage.setdefault(uid, UserUsage(uid=uid, user=user_name(uid), entries=0, size_bytes=0))
+            row.entries += 1
+            row.size_bytes += entry.size_bytes
     return Status(
+        users=sorted(usage.values(), key=lambda u: -u.size_bytes),
         cache_dir=str(engine.settings.cache_dir),
         offline=engine.settings.offline,
         entries=sum(1 for e in entries if e.state == "ok"),
@@ -262,7 +302,11 @@ async def cache_status(engine: Engine) -> Status:
 
 async def verify(request: web.Request) -> web.Response:
     body = await parse_body(request, VerifyRequest)
-    if body.handle is not None and not _ID.match(body.handle):
+    if (
+        body.handle is not None
+        and not _ID.match(body.handle)
+        and _engine(request).catalog.alias(body.handle) is None
+    ):
         _remote_only(body.handle)
     if body.handle is None:
         request.app[ADMIN].check(request)  # re-hashing every model is heavy: anyone may check one, admins all
@@ -280,6 +324,33 @@ async def verify(request: web.Request) -> web.Response:
         VerifyResult(id=r.entry.id, handles=r.entry.handles, problems=r.problems, healed=r.healed) for r in reports
     ]
     return json_response(VerifyResponse(results=results))
+
+
+async def audit(request: web.Request) -> web.Response:
+    """The audit trail, oldest first, for admins: ?since=&until= (epoch seconds or ISO 8601), ?uid= (a number or
+    an account name), ?action=, ?limit= (the most recent N, default 10000)."""
+    request.app[ADMIN].check(request)
+    query = request.query
+    action = query.get("action") or None
+    if action is not None and action not in ACTIONS:
+        raise BadRequest(f"unknown audit action {action!r}", f"one of: {', '.join(ACTIONS)}")
+    try:
+        limit = int(query.get("limit", "10000"))
+    except ValueError:
+        raise BadRequest("limit must be a whole number", "e.g. ?limit=100") from None
+
+    def read() -> AuditList:
+        records = list(
+            _engine(request).audit.read(
+                since=parse_time(query["since"]) if query.get("since") else None,
+                until=parse_time(query["until"]) if query.get("until") else None,
+                uid=uid_of(query["uid"]) if query.get("uid") else None,
+                action=action,
+            )
+        )
+        return AuditList(records=records[-limit:] if limit > 0 else [])
+
+    return json_response(await asyncio.to_thread(read))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -314,5 +385,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_post("/v1/gc", gc)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/audit", audit)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
