@@ -259,7 +259,7 @@ def test_concurrent_verifies_of_one_model_share_one_run(
         assert all(a.json()["results"][0]["problems"] == [] for a in answers)
         runs = metric(daemon, "hubd_verify_runs_total")
         print(f"\nreliability: 12 concurrent verifies of one model -> {runs:.0f} run(s)")
-        assert runs < 12
+        assert 1 <= runs < 12  # counted, and shared: twelve answers from fewer runs
     finally:
         daemon.stop()
 
