@@ -229,6 +229,7 @@ def test_running_out_of_descriptors_backs_off_logs_one_line_and_recovers(
     print(f"\nreliability: out of descriptors -> {len(lines)} log line(s), {len(log)} bytes of log")
     assert 1 <= len(lines) <= 3, lines
     assert "Traceback" not in log
+    assert "leave less than 256 of the 128 file descriptors (RLIMIT_NOFILE)" in log  # said at start
 
 
 # -- the event loop -----------------------------------------------------------------------------------------

@@ -253,11 +253,12 @@ class Daemon:
 def check_descriptors(settings: Settings) -> None:
     """Warn when the connection limit leaves too few descriptors for files (systemd's LimitNOFILE= sets it)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and settings.max_connections + FILE_DESCRIPTOR_RESERVE > soft:
+    connections = settings.max_connections * (2 if settings.mirror_listen else 1)  # the mirror has its own
+    if soft != resource.RLIM_INFINITY and connections + FILE_DESCRIPTOR_RESERVE > soft:
         log.warning(
-            "max_connections %d leaves less than %d of the %d file descriptors (RLIMIT_NOFILE) for files; "
-            "raise LimitNOFILE or lower HUBD_MAX_CONNECTIONS",
-            settings.max_connections,
+            "%d connections (HUBD_MAX_CONNECTIONS) leave less than %d of the %d file descriptors (RLIMIT_NOFILE) "
+            "for files; raise LimitNOFILE or lower HUBD_MAX_CONNECTIONS",
+            connections,
             FILE_DESCRIPTOR_RESERVE,
             soft,
         )
