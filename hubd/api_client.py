@@ -6,8 +6,9 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -160,6 +161,43 @@ class DaemonClient:
 
     async def status(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/v1/status"))
+
+    async def export_bundle(self, handles: list[str], pins: list[str], out: IO[bytes]) -> None:
+        """GET /v1/export: write the bundle the daemon streams into `out`."""
+        query = urlencode([("handle", handle) for handle in handles] + [("sha256", pin) for pin in pins])
+        try:
+            async with self.session.get(
+                f"{self.base}/v1/export?{query}", timeout=self._timeout(self.idle)
+            ) as response:
+                if response.status >= 400:
+                    raise error_from(await response.json(content_type=None))
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    out.write(chunk)
+        except TimeoutError:
+            raise self._not_answering(self.idle, "HUBD_CLIENT_IDLE_TIMEOUT") from None
+        except aiohttp.ClientPayloadError:
+            raise HubdError(
+                "the daemon broke off the export (a cached model failed its re-hash?); no bundle was written",
+                "see the daemon's log, run `hubd verify`, then export again",
+            ) from None
+
+    async def import_bundle(self, path: Path) -> AsyncIterator[dict[str, Any]]:
+        """POST /v1/import with the bundle's bytes as the body; yield the NDJSON events (one per entry)."""
+        try:
+            with open(path, "rb") as body:
+                async with self.session.post(
+                    f"{self.base}/v1/import",
+                    data=body,
+                    headers={"Content-Type": "application/x-tar"},
+                    timeout=self._timeout(self.idle),
+                ) as response:
+                    if response.status >= 400:
+                        raise error_from(await response.json(content_type=None))
+                    async for line in response.content:
+                        if line.strip():
+                            yield json.loads(line)
+        except TimeoutError:
+            raise self._not_answering(self.idle, "HUBD_CLIENT_IDLE_TIMEOUT") from None
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST and yield NDJSON events as they arrive (blank lines are the daemon's keep-alives)."""

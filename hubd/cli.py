@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--force", action="store_true", help="remove it even when a manifest pins it")
     rm.set_defaults(run=_rm)
 
+    export = commands.add_parser(
+        "export", parents=[common], help="write models into one bundle file, for a machine without network"
+    )
+    export.add_argument("bundle", type=Path, metavar="BUNDLE", help="the file to write (an uncompressed tar)")
+    export.add_argument("handles", nargs="*", metavar="HANDLE", help="a handle, alias or id")
+    export.add_argument("--manifest", type=Path, help="also every model of this manifest (TOML or JSON)")
+    export.set_defaults(run=_export)
+
+    import_ = commands.add_parser(
+        "import", parents=[common], help="publish the models of a bundle, each checked against its digest"
+    )
+    import_.add_argument("bundle", type=Path, metavar="BUNDLE", help="a file `hubd export` wrote")
+    import_.set_defaults(run=_import)
+
     audit = commands.add_parser("audit", parents=[common], help="who deleted, evicted, pinned or imported what")
     audit.add_argument("--since", help="from this time (epoch seconds or ISO 8601, e.g. 2026-11-26T09:00)")
     audit.add_argument("--until", help="up to this time")
@@ -442,6 +456,89 @@ def _audit(args: argparse.Namespace) -> int:
         return show([r.model_dump() for r in records[-args.limit :]] if args.limit > 0 else [])
 
     return asyncio.run(_run(args, via_daemon, in_process))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hubd.bundle import plan_export, read_header, remove_partial, write_bundle
+
+    wanted: list[tuple[str, str | None]] = [(handle, None) for handle in args.handles]
+    if args.manifest is not None:
+        wanted += [(m.handle, m.sha256) for m in load_manifest(args.manifest).model]
+    if not wanted:
+        raise BadRequest("nothing to export", "name handles, aliases or ids, or give --manifest FILE")
+    bundle: Path = args.bundle
+    partial = bundle.with_name(f".{bundle.name}.{os.getpid()}.partial")  # a failed export leaves no bundle
+
+    async def via_daemon(client: DaemonClient) -> int:
+        pins = [sha or "" for _handle, sha in wanted] if any(sha for _handle, sha in wanted) else []
+        with open(partial, "wb") as out:
+            await client.export_bundle([handle for handle, _sha in wanted], pins, out)
+        return 0
+
+    async def in_process(engine: Engine) -> int:
+        digests = []
+        for handle, sha256 in wanted:
+            if _ID_PREFIX.fullmatch(handle):
+                digests.append(engine.find(handle).digest)
+            else:
+                digests.append((await engine.resolve(handle, sha256=sha256, uid=os.getuid())).id)
+        header = plan_export(engine, digests)
+        with open(partial, "wb") as out:
+            await asyncio.to_thread(write_bundle, engine, header, out)
+        return 0
+
+    try:
+        asyncio.run(_run(args, via_daemon, in_process))
+        header = read_header(partial)
+        os.replace(partial, bundle)
+    except OSError as exc:
+        remove_partial(partial)
+        raise BadRequest(
+            f"cannot write the bundle {bundle}: {exc.strerror or exc}", "choose another place"
+        ) from None
+    except BaseException:
+        remove_partial(partial)
+        raise
+    for entry in header.entries:
+        names = ", ".join(ref.handle for ref in entry.refs)
+        print(f"{entry.digest[:12]}  {human_bytes(entry.size_bytes):>10}  {names}")
+    size = human_bytes(bundle.stat().st_size)
+    print(f"hubd: wrote {bundle} ({size}, {len(header.entries)} models)", file=sys.stderr)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from hubd.bundle import ImportResult, describe, import_bundle
+
+    results: list[ImportResult] = []
+
+    def show(result: ImportResult) -> None:
+        results.append(result)
+        print(describe(result), file=sys.stderr, flush=True)
+        if result.ok:
+            print(f"{result.digest}  {', '.join(result.handles)}", flush=True)
+
+    async def via_daemon(client: DaemonClient) -> int:
+        async for event in client.import_bundle(args.bundle):
+            if event["event"] == "entry":
+                show(ImportResult.model_validate(event))
+            elif event["event"] == "error":
+                raise error_from(event)
+        return 0
+
+    async def in_process(engine: Engine) -> int:
+        with open(args.bundle, "rb") as stream:
+            await asyncio.to_thread(import_bundle, engine, stream, os.getuid(), show)
+        return 0
+
+    if not args.bundle.is_file():
+        raise BadRequest(f"no bundle at {args.bundle}", "give the file `hubd export` wrote")
+    asyncio.run(_run(args, via_daemon, in_process))
+    refused = [r for r in results if not r.ok]
+    for result in refused:
+        print(f"hubd: error: {result.message}", file=sys.stderr)
+    print(f"hubd: {len(results) - len(refused)} imported, {len(refused)} refused", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def main(argv: list[str] | None = None) -> int:

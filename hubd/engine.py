@@ -465,20 +465,25 @@ class Engine:
                         f"old entry (`hubd rm {existing.digest[:12]}`) and pulls again",
                     )
                 refs.append((key, Ref(canonical, given, meta.digest, meta.archive_sha256, time.time())))
-            meta.names = [ref.canonical for _key, ref in refs]
-            # Object, meta, refs in that order, crash-safe; a full disk undoes it all (then 507 disk_full).
-            meta.names = self.store.publish_entry(tree, meta, refs).names
-            # The index and the view are derived from those files: their failures are logged, never a 500.
-            self.index.record(meta)
-            for _key, ref in refs:
-                self.index.bind(ref.canonical, meta.digest)
-            self.index.touch(meta.digest)
-            if self.view is not None:
-                try:
-                    for _key, ref in refs:
-                        self.view.link(ref)
-                except OSError as exc:
-                    logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
+            self.publish_refs(tree, meta, refs)
+
+    def publish_refs(self, tree: Path, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> None:
+        """Publish the tree, point `refs` (checked by the caller: none may silently change) at it, then index and
+        link it. Call with the gc lock held shared; `_publish` and bundle imports (hubd/bundle.py) share it."""
+        meta.names = [ref.canonical for _key, ref in refs]
+        # Object, meta, refs in that order, crash-safe; a full disk undoes it all (then 507 disk_full).
+        meta.names = self.store.publish_entry(tree, meta, refs).names
+        # The index and the view are derived from those files: their failures are logged, never a 500.
+        self.index.record(meta)
+        for _key, ref in refs:
+            self.index.bind(ref.canonical, meta.digest)
+        self.index.touch(meta.digest)
+        if self.view is not None:
+            try:
+                for _key, ref in refs:
+                    self.view.link(ref)
+            except OSError as exc:
+                logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
         self._meta_cache[meta.digest] = meta
 
     def _where_from(self, url: str, result: FetchResult) -> str:

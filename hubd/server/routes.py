@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import TypeVar, cast
@@ -12,11 +14,11 @@ from typing import TypeVar, cast
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from hubd import __version__
+from hubd import __version__, bundle
 from hubd.audit import ACTIONS, parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
-from hubd.errors import BadHandle, BadRequest
+from hubd.errors import BadHandle, BadRequest, HubdError
 from hubd.eviction import gc_lock
 from hubd.executors import WAITS, run_in
 from hubd.manifest import ManifestEntry, parse_manifest
@@ -51,6 +53,7 @@ CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 RUNNING = web.AppKey("running", dict)
 """Shared runs of coalesced work (verify), by key."""
 _ID = re.compile(r"^[0-9a-f]{8,64}$")
+log = logging.getLogger("hubd.server")
 
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:
@@ -353,6 +356,91 @@ async def audit(request: web.Request) -> web.Response:
     return json_response(await asyncio.to_thread(read))
 
 
+async def export_bundle(request: web.Request) -> web.StreamResponse:
+    """GET /v1/export?handle=H[&handle=H2...][&sha256=S...]: a bundle (hubd/bundle.py) of those models, streamed.
+    Anyone may export what they could resolve; each handle is resolved first (fetched if need be), so a bad one
+    is a plain error before the first byte. A model failing its re-hash mid-stream breaks the connection off."""
+    engine = _engine(request)
+    handles, pins = request.query.getall("handle", []), request.query.getall("sha256", [])
+    if not handles or (pins and len(pins) != len(handles)):
+        raise BadRequest("name the models to export", "?handle=H (repeatable); ?sha256=S once per handle, or none")
+    digests = []
+    for handle, pin in zip(handles, pins or [""] * len(handles), strict=True):
+        if _ID.match(handle):
+            digests.append(engine.find(handle).digest)
+            continue
+        handle, sha256 = _expand_alias(engine, handle, pin or None)
+        _remote_only(handle)
+        digests.append((await engine.resolve(handle, sha256=sha256, uid=_uid(request))).id)
+    header = await asyncio.to_thread(bundle.plan_export, engine, digests)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    await response.prepare(request)
+    out = io.BufferedWriter(bundle.LoopWriter(response.write, asyncio.get_running_loop()), 1 << 20)
+    try:
+        await run_in(WAITS, _write_bundle, engine, header, out)
+    except (HubdError, OSError, ConnectionError, RuntimeError) as exc:
+        log.warning("export of %s broken off: %s", ", ".join(handles), exc)
+        if request.transport is not None:
+            request.transport.abort()  # the client sees an incomplete body, never a truncated bundle as whole
+        return response
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
+    return response
+
+
+def _write_bundle(engine: Engine, header: bundle.BundleHeader, out: io.BufferedWriter) -> None:
+    bundle.write_bundle(engine, header, out)
+    out.flush()
+
+
+async def import_bundle(request: web.Request) -> web.StreamResponse:
+    """POST /v1/import, the body a bundle: admins only (it adds models every user loads). The daemon never reads
+    a path for a caller; the bytes come in the body. NDJSON: one "entry" event per model as it is imported or
+    refused, then "done" (or "error" when the bundle itself cannot be read)."""
+    request.app[ADMIN].check(request)
+    engine = _engine(request)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[bundle.ImportResult | None] = asyncio.Queue()
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    reader = io.BufferedReader(bundle.LoopReader(request.content.readany, loop), 1 << 20)
+
+    def on_entry(result: bundle.ImportResult) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, result)
+
+    work = asyncio.ensure_future(run_in(WAITS, bundle.import_bundle, engine, reader, _uid(request), on_entry))
+    work.add_done_callback(lambda _f: events.put_nowait(None))
+    connected = True
+
+    async def send(data: bytes) -> None:
+        nonlocal connected
+        if connected:
+            try:
+                await response.write(data)
+            except (ConnectionError, RuntimeError):
+                connected = False
+
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), engine.settings.stream_heartbeat)
+        except TimeoutError:
+            await send(b"\n")
+            continue
+        if event is None:
+            break
+        await send(event.model_dump_json().encode() + b"\n")
+    try:
+        results = work.result()
+        done = {"event": "done", "imported": sum(r.ok for r in results), "refused": sum(not r.ok for r in results)}
+        await send(json.dumps(done).encode() + b"\n")
+    except HubdError as exc:
+        await send(json.dumps({"event": "error", "error": exc.as_dict()}).encode() + b"\n")
+    if connected:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+    return response
+
+
 async def metrics(request: web.Request) -> web.Response:
     text = await asyncio.to_thread(request.app[METRICS].render, _engine(request), request.app.get(CONNECTIONS))
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
@@ -386,5 +474,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/gc", gc)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/audit", audit)
+    app.router.add_get("/v1/export", export_bundle)
+    app.router.add_post("/v1/import", import_bundle)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
