@@ -301,3 +301,41 @@ def test_a_cache_entry_that_changed_is_refused_not_exported(
     weights.write_bytes(bytes(data))  # same size: a cache hit's quick check cannot see it, the re-hash does
     with pytest.raises(VerificationFailed, match="content changed"):
         export(settings, [model_id], tmp_path / "never.hubd.tar")
+
+
+def test_a_handle_never_silently_changes_model_on_import(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    path = upstream.publish(savedmodel_archive(1))
+    handle = tfhub(path)
+    here = offline_settings(tmp_path / "b").model_copy(update={"offline": False, "mirror": settings.mirror})
+    bundle = tmp_path / "old.hubd.tar"
+
+    async def scenario() -> None:
+        source, target = Engine(settings), Engine(here)
+        await source.start()
+        await target.start()
+        try:
+            exported = await source.resolve(handle)
+            with open(bundle, "wb") as out:
+                write_bundle(source, plan_export(source, [exported.id]), out)
+            upstream.publish(savedmodel_archive(2), path=path)  # upstream now serves another model
+            kept = await target.resolve(handle)
+            assert kept.id != exported.id
+            with open(bundle, "rb") as stream:
+                [result] = import_bundle(target, stream, None, lambda _r: None)
+            assert not result.ok and result.code == "ref_conflict" and kept.id[:12] in result.message
+            assert (await target.resolve(handle, offline=True)).id == kept.id
+        finally:
+            await source.close()
+            await target.close()
+
+    run(scenario())
+
+
+def test_a_file_that_is_not_a_bundle_is_refused_whole(settings: Settings, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(gzip.compress(b"not a tar at all"))
+    result = hubd(cli_env(settings), "import", str(junk))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("hubd: error: not a hubd bundle"), result.stderr
