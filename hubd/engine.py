@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +128,11 @@ class Engine:
             "bytes_fetched": 0,
             "fetches": 0,
             "fetch_seconds": 0,
+            **{f"bytes_from_{source}": 0 for source in ("upstream", "mirror", "spool")},
+            "bytes_served_mirror": 0,
         }
+        self.fetch_observers: list[Callable[[float], None]] = []
+        """Called with each published fetch's seconds (the daemon keeps a histogram of them)."""
 
     async def start(self) -> None:
         self.store.ensure_layout()
@@ -384,6 +388,10 @@ class Engine:
             await asyncio.to_thread(spool.discard)  # the archive is whole: what follows never needs it again
             self.stats["fetches"] += 1
             self.stats["bytes_fetched"] += result.size
+            self.stats["bytes_from_spool"] += result.replayed
+            self.stats[f"bytes_from_{self._where_from(url, result).removeprefix('spool+')}"] += (
+                result.size - result.replayed
+            )
             flight.emit("verify", 0, None)
             archive_sha256 = self._archive_sha256(result, manifest.digest())
             if sha256 and archive_sha256 != sha256:
@@ -412,6 +420,8 @@ class Engine:
             await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
             seconds = time.monotonic() - started
             self.stats["fetch_seconds"] += seconds
+            for observe in self.fetch_observers:
+                observe(seconds)
             where = self._where_from(url, result)
             log.info(
                 "fetch handle=%s cache=miss bytes=%d seconds=%.2f from=%s",

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hubd.config import Settings
 from tests.conftest import Upstream, cli_env, run_on_terminal
@@ -139,12 +140,16 @@ def test_metrics_count_hits_misses_and_bytes(daemon: Daemon, upstream: Upstream)
     path = upstream.publish("reusable")
     for _ in range(3):
         daemon.request("POST", "/v1/resolve", {"handle": tfhub(path)})
-    text = daemon.request("GET", "/metrics").body.decode()
-    assert "hubd_cache_hits_total 2" in text
-    assert "hubd_cache_misses_total 1" in text
-    assert f"hubd_fetched_bytes_total {len(upstream.models['reusable'])}" in text
-    assert "hubd_cache_entries 1" in text
-    assert 'hubd_requests_total{route="/v1/resolve",status="200"} 3' in text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(daemon.request("GET", "/metrics").body.decode())
+        for s in family.samples
+    }
+    assert samples[("hubd_cache_hits_total", ())] == 2
+    assert samples[("hubd_cache_misses_total", ())] == 1
+    assert samples[("hubd_fetched_bytes_total", (("source", "mirror"),))] == len(upstream.models["reusable"])
+    assert samples[("hubd_cache_entries", ())] == 1
+    assert samples[("hubd_requests_total", (("code", "200"), ("method", "POST"), ("route", "/v1/resolve")))] == 3
 
 
 def test_openapi_document_describes_every_route(daemon: Daemon) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hubd.cli import build_parser, settings_from
 from hubd.config import Settings
@@ -49,9 +50,15 @@ def with_files(archive: bytes, files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def metric(daemon: Daemon, name: str) -> float:
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples that carry `labels` (and any others)."""
     text = daemon.request("GET", "/metrics").body.decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 # -- flags -----------------------------------------------------------------------------------------------
@@ -339,12 +346,12 @@ def test_clients_that_hang_up_during_a_stream_are_no_server_error(
                     received += chunk
             sock.close()
         deadline = time.monotonic() + 30
-        while metric(daemon, 'hubd_requests_total{route="/v1/pull"') < 20:  # the 20 that read: handled
+        while metric(daemon, "hubd_requests_total", method="POST", route="/v1/pull") < 20:  # the 20 that read
             assert time.monotonic() < deadline
         metrics = daemon.request("GET", "/metrics").body.decode()
     finally:
         daemon.stop()
-    assert 'status="500"' not in metrics
+    assert 'code="500"' not in metrics
     assert " ERROR " not in daemon.log() and "Traceback" not in daemon.log()
 
 

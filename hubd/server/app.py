@@ -17,7 +17,7 @@ from hubd.events import ErrorDetail
 from hubd.server import api
 from hubd.server.guards import AdminPolicy, Handler, browser_guard
 from hubd.server.metrics import Metrics
-from hubd.server.routes import ADMIN, ENGINE, METRICS, OPENAPI, add_routes
+from hubd.server.routes import ADMIN, CONNECTIONS, ENGINE, METRICS, OPENAPI, add_routes
 
 log = logging.getLogger("hubd.server")
 MAX_BODY = 4 * 2**20
@@ -59,18 +59,19 @@ def metrics_middleware(metrics: Metrics) -> Any:
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
-        route = request.match_info.route.resource
-        metrics.observe_request(route.canonical if route is not None else "unmatched", response.status)
+        route = request.match_info.route.resource  # the template (/v1/models/{id}), never the raw path
+        metrics.observe_request(
+            request.method, route.canonical if route is not None else "unmatched", response.status
+        )
         return response
 
     return count
 
 
 def create_app(engine: Engine, admin: AdminPolicy) -> web.Application:
-    metrics = Metrics()
-    app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[metrics_middleware(metrics), errors_as_json, browser_guard]
-    )
+    app = web.Application(client_max_size=MAX_BODY)
+    metrics = Metrics(engine, lambda: app.get(CONNECTIONS))
+    app.middlewares.extend([metrics_middleware(metrics), errors_as_json, browser_guard])
     app[ENGINE] = engine
     app[ADMIN] = admin
     app[METRICS] = metrics

@@ -1,73 +1,110 @@
-"""Prometheus text exposition of the daemon's counters; plain code, no client library needed for a dozen lines."""
+"""The daemon's /metrics, through prometheus_client, in one registry per app (several apps share a test process).
+
+Request counts and fetch durations are observed as they happen; what the engine already counts (hits, bytes by
+source) and what the cache holds are read at scrape time by a collector, so there is one owner for each number.
+"""
 
 from __future__ import annotations
 
-import collections
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hubd import __version__
 from hubd.engine import Engine
 from hubd.server.connections import ConnectionLimits
 
+#: A fetch takes from well under a second (a small model from a mirror) to most of an hour (GBs from upstream).
+FETCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Where fetched archive bytes came from: the upstream server, the configured mirror, or a resume spool on disk.
+SOURCES = ("upstream", "mirror", "spool")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-@dataclass
+
 class Metrics:
-    requests: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
-    fetch_seconds_sum: float = 0.0
-    fetch_count: int = 0
-    verify_runs: int = 0
-    """Verifications started through the API (concurrent ones of one model share a run)."""
+    """Everything /metrics shows for one daemon app."""
 
-    def observe_request(self, route: str, status: int) -> None:
-        self.requests[(route, status)] += 1
+    def __init__(self, engine: Engine, connections: Callable[[], ConnectionLimits | None] = lambda: None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hubd_requests",
+            "API requests by method, route template and HTTP status code.",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
+        self.fetch_duration = Histogram(
+            "hubd_fetch_duration_seconds",
+            "Time from a fetch's first request to its publish: download, extraction, verification.",
+            buckets=FETCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.verify_runs = Counter(
+            "hubd_verify_runs",
+            "Verifications run for the API; concurrent ones of a model share one.",
+            registry=self.registry,
+        )
+        Info("hubd_build", "The running hubd.", registry=self.registry).info({"version": __version__})
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_EngineCollector(engine, connections))
+        engine.fetch_observers.append(self.fetch_duration.observe)
 
-    def render(self, engine: Engine, connections: ConnectionLimits | None = None) -> str:
-        entries = engine.list_entries()
-        lines = [
-            "# HELP hubd_requests_total API requests by route and status.",
-            "# TYPE hubd_requests_total counter",
-        ]
-        for (route, status), count in sorted(self.requests.items()):
-            lines.append(f'hubd_requests_total{{route="{route}",status="{status}"}} {count}')
-        stats = engine.stats
-        lines += [
-            "# HELP hubd_cache_hits_total Resolves served from the cache.",
-            "# TYPE hubd_cache_hits_total counter",
-            f"hubd_cache_hits_total {stats['hits']}",
-            "# HELP hubd_cache_misses_total Resolves that needed a fetch.",
-            "# TYPE hubd_cache_misses_total counter",
-            f"hubd_cache_misses_total {stats['misses']}",
-            "# HELP hubd_fetched_bytes_total Archive bytes downloaded from upstream.",
-            "# TYPE hubd_fetched_bytes_total counter",
-            f"hubd_fetched_bytes_total {stats['bytes_fetched']}",
-            "# HELP hubd_fetch_duration_seconds Time spent fetching, extracting and publishing.",
-            "# TYPE hubd_fetch_duration_seconds summary",
-            f"hubd_fetch_duration_seconds_sum {stats['fetch_seconds']:.6f}",
-            f"hubd_fetch_duration_seconds_count {stats['fetches']}",
-            "# HELP hubd_cache_entries Published models in the cache.",
-            "# TYPE hubd_cache_entries gauge",
-            f"hubd_cache_entries {sum(1 for e in entries if e.state == 'ok')}",
-            "# HELP hubd_cache_broken_entries Models that failed verification and wait for a re-fetch.",
-            "# TYPE hubd_cache_broken_entries gauge",
-            f"hubd_cache_broken_entries {sum(1 for e in entries if e.state != 'ok')}",
-            "# HELP hubd_cache_bytes Bytes of published models.",
-            "# TYPE hubd_cache_bytes gauge",
-            f"hubd_cache_bytes {sum(e.size_bytes for e in entries if e.state == 'ok')}",
-        ]
-        lines += [
-            "# HELP hubd_verify_runs_total Verifications run for the API; concurrent ones of a model share one.",
-            "# TYPE hubd_verify_runs_total counter",
-            f"hubd_verify_runs_total {self.verify_runs}",
-        ]
-        if connections is not None:
-            lines += [
-                "# HELP hubd_connections_open API connections open now.",
-                "# TYPE hubd_connections_open gauge",
-                f"hubd_connections_open {connections.open}",
-                "# HELP hubd_connections_refused_total Connections refused at a connection limit (503).",
-                "# TYPE hubd_connections_refused_total counter",
-                f"hubd_connections_refused_total {connections.refused}",
-                "# HELP hubd_connections_timed_out_total Connections closed for sending their headers too slowly.",
-                "# TYPE hubd_connections_timed_out_total counter",
-                f"hubd_connections_timed_out_total {connections.timed_out}",
-            ]
-        return "\n".join(lines) + "\n"
+    def observe_request(self, method: str, route: str, code: int) -> None:
+        self.requests.labels(method, route, str(code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """The engine's counters and the cache's contents, read when scraped."""
+
+    def __init__(self, engine: Engine, connections: Callable[[], ConnectionLimits | None]) -> None:
+        self.engine = engine
+        self.connections = connections
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.engine.stats
+        yield _counter("hubd_cache_hits", "Resolves served from the cache.", stats["hits"])
+        yield _counter("hubd_cache_misses", "Resolves that needed a fetch.", stats["misses"])
+        fetched = CounterMetricFamily(
+            "hubd_fetched_bytes", "Archive bytes fetched, by where they came from.", labels=["source"]
+        )
+        for source in SOURCES:
+            fetched.add_metric([source], stats[f"bytes_from_{source}"])
+        yield fetched
+        yield _counter(
+            "hubd_mirror_served_bytes",
+            "Archive bytes the LAN mirror listener (--mirror-listen) served to other machines.",
+            stats["bytes_served_mirror"],
+        )
+        entries = self.engine.list_entries()
+        ok = [e for e in entries if e.state == "ok"]
+        yield GaugeMetricFamily("hubd_cache_entries", "Published models in the cache.", value=len(ok))
+        yield GaugeMetricFamily(
+            "hubd_cache_broken_entries",
+            "Models that failed verification and wait for a re-fetch.",
+            value=len(entries) - len(ok),
+        )
+        yield GaugeMetricFamily(
+            "hubd_cache_bytes", "Bytes of published models.", value=sum(e.size_bytes for e in ok)
+        )
+        limits = self.connections()
+        if limits is not None:
+            yield GaugeMetricFamily("hubd_connections_open", "API connections open now.", value=limits.open)
+            yield _counter(
+                "hubd_connections_refused", "Connections refused at a connection limit (503).", limits.refused
+            )
+            yield _counter(
+                "hubd_connections_timed_out",
+                "Connections closed for sending their headers too slowly.",
+                limits.timed_out,
+            )
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # the families depend on the daemon (connections only behind a listener): not known up front
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

@@ -41,7 +41,7 @@ from hubd.server.api import (
 )
 from hubd.server.connections import ConnectionLimits
 from hubd.server.guards import AdminPolicy, RequestTimeout, peer_creds, peer_socket
-from hubd.server.metrics import Metrics
+from hubd.server.metrics import CONTENT_TYPE, Metrics
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -319,7 +319,7 @@ async def verify(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
 
     def start() -> Awaitable[list[VerifyReport]]:
-        metrics.verify_runs += 1
+        metrics.verify_runs.inc()
         return engine.verify(body.handle, body.heal)
 
     reports = await _shared(request.app, ("verify", target, body.heal), start)
@@ -442,8 +442,8 @@ async def import_bundle(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = await asyncio.to_thread(request.app[METRICS].render, _engine(request), request.app.get(CONNECTIONS))
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    body = await asyncio.to_thread(request.app[METRICS].render)  # lists the cache: off the event loop
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:
