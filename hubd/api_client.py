@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -162,8 +162,14 @@ class DaemonClient:
     async def status(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/v1/status"))
 
-    async def export_bundle(self, handles: list[str], pins: list[str], out: IO[bytes]) -> None:
-        """GET /v1/export: write the bundle the daemon streams into `out`."""
+    async def export_bundle(
+        self,
+        handles: list[str],
+        pins: list[str],
+        out: IO[bytes],
+        on_progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> None:
+        """GET /v1/export: write the bundle the daemon streams into `out`; `on_progress` hears the bytes so far."""
         query = urlencode([("handle", handle) for handle in handles] + [("sha256", pin) for pin in pins])
         try:
             async with self.session.get(
@@ -171,8 +177,12 @@ class DaemonClient:
             ) as response:
                 if response.status >= 400:
                     raise error_from(await response.json(content_type=None))
+                received = 0
                 async for chunk in response.content.iter_chunked(1 << 20):
                     out.write(chunk)
+                    received += len(chunk)
+                    if on_progress is not None:
+                        on_progress("receive", received, None)
         except TimeoutError:
             raise self._not_answering(self.idle, "HUBD_CLIENT_IDLE_TIMEOUT") from None
         except aiohttp.ClientPayloadError:

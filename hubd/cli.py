@@ -459,7 +459,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hubd.bundle import plan_export, read_header, remove_partial, write_bundle
+    from hubd.bundle import BundleEntry, plan_export, read_header, remove_partial, write_bundle
 
     wanted: list[tuple[str, str | None]] = [(handle, None) for handle in args.handles]
     if args.manifest is not None:
@@ -471,8 +471,12 @@ def _export(args: argparse.Namespace) -> int:
 
     async def via_daemon(client: DaemonClient) -> int:
         pins = [sha or "" for _handle, sha in wanted] if any(sha for _handle, sha in wanted) else []
-        with open(partial, "wb") as out:
-            await client.export_bundle([handle for handle, _sha in wanted], pins, out)
+        bar = ProgressBar(str(bundle))
+        try:
+            with open(partial, "wb") as out:
+                await client.export_bundle([handle for handle, _sha in wanted], pins, out, bar)
+        finally:
+            bar.close()
         return 0
 
     async def in_process(engine: Engine) -> int:
@@ -483,8 +487,14 @@ def _export(args: argparse.Namespace) -> int:
             else:
                 digests.append((await engine.resolve(handle, sha256=sha256, uid=os.getuid())).id)
         header = plan_export(engine, digests)
+        done = iter(range(1, len(header.entries) + 1))
+
+        def exported(entry: BundleEntry) -> None:
+            size, names = human_bytes(entry.size_bytes), ", ".join(ref.handle for ref in entry.refs)
+            print(f"hubd: [{next(done)}/{len(header.entries)}] exported {entry.digest[:12]} ({size}) {names}")
+
         with open(partial, "wb") as out:
-            await asyncio.to_thread(write_bundle, engine, header, out)
+            await asyncio.to_thread(write_bundle, engine, header, out, exported)
         return 0
 
     try:

@@ -26,8 +26,8 @@ from hubd.verify import full_problems
 from tests.conftest import Upstream, cli_env, run
 from tests.daemon import start_daemon
 from tests.hosting import HostingServer
-from tests.users import LocalUser
-from tests.workstation import request_as, workstation
+from tests.users import LocalUser, shared_dir
+from tests.workstation import cli_as, request_as, workstation
 
 
 def tfhub(path: str) -> str:
@@ -265,9 +265,15 @@ def test_hostile_members_are_refused_and_nothing_leaves_staging(tmp_path: Path, 
 
 
 def test_import_over_the_socket_is_for_admins_only(settings: Settings, attacker: LocalUser) -> None:
-    with workstation(settings, attacker) as d:
+    with workstation(settings, attacker) as d, shared_dir() as public:
         reply = request_as(attacker, d, "POST", "/v1/import", {})
         assert reply.status == 403 and reply.json()["error"]["code"] == "forbidden", reply.body
+        bundle = public / "planted.hubd.tar"
+        bundle.write_bytes(os.urandom(8 << 20))  # refused before the daemon reads a byte of it
+        bundle.chmod(0o644)
+        denied = cli_as(attacker, d, "import", str(bundle))
+        assert denied.returncode == 1 and "may not change the shared cache" in denied.stderr, denied.stderr
+        assert d.request("GET", "/v1/audit?action=import").json()["records"] == []
 
 
 def test_round_trip_without_a_daemon(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
