@@ -524,7 +524,7 @@ class LoopReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if not self._pending:
-            chunk = asyncio.run_coroutine_threadsafe(_awaited(self._read_chunk()), self._loop).result()
+            chunk = _on_loop(self._read_chunk(), self._loop, "no byte of the bundle arrived")
             if not chunk:
                 return 0
             self._pending = memoryview(chunk)
@@ -548,8 +548,26 @@ class LoopWriter(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        asyncio.run_coroutine_threadsafe(_awaited(self._write(chunk)), self._loop).result()
+        _on_loop(self._write(chunk), self._loop, "the client read nothing of the bundle")
         return len(chunk)
+
+
+STALL_SECONDS = 300.0
+"""How long a bundle's transfer may stand still before it is given up (and its worker thread freed)."""
+
+
+class Stalled(HubdError):
+    code = "stalled"
+    http_status = 408
+
+
+def _on_loop(awaitable: Awaitable[T], loop: asyncio.AbstractEventLoop, what: str) -> T:
+    future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop)
+    try:
+        return future.result(timeout=STALL_SECONDS)
+    except TimeoutError:
+        future.cancel()
+        raise Stalled(f"{what} for {STALL_SECONDS:g} s; the transfer was given up", "try again") from None
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
