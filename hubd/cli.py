@@ -22,7 +22,7 @@ from hubd_client.handles import parse_handle
 from hubd import __version__
 from hubd.api_client import DaemonClient, error_from
 from hubd.audit import ACTIONS, AuditLog, parse_time, uid_of, user_name
-from hubd.config import Settings, load_settings
+from hubd.config import Settings, effective, load_settings
 from hubd.engine import Engine
 from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, UnknownModel
@@ -125,10 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=10000, help="the most recent N records (default 10000)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     audit.set_defaults(run=_audit)
+
+    config = commands.add_parser(
+        "config",
+        parents=[common],
+        help="every effective setting and where it came from (flag, env, file, default)",
+    )
+    config.add_argument("--json", action="store_true", help="machine-readable output")
+    config.set_defaults(run=_config)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(**flags_from(args))
+
+
+def flags_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line gives (None: not given)."""
     extra: dict[str, Any] = {}
     for name in (
         "listen",
@@ -144,7 +157,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             extra["manifests" if name == "manifest" else name] = value
-    return load_settings(
+    return dict(
         cache_dir=args.cache_dir,
         offline=args.offline,
         mirror=args.mirror,
@@ -549,6 +562,35 @@ def _import(args: argparse.Namespace) -> int:
         print(f"hubd: error: {result.message}", file=sys.stderr)
     print(f"hubd: {len(results) - len(refused)} imported, {len(refused)} refused", file=sys.stderr)
     return 1 if refused else 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    rows = effective(settings, flags_from(args))
+    if args.json:
+        json.dump([{**vars(row), "value": _plain(row.value)} for row in rows], sys.stdout, indent=2)
+        print()
+        return 0
+    table = [("VARIABLE (TOML KEY: lower case, no HUBD_)", "SOURCE", "VALUE")]
+    table += [(row.env, row.source, _shown(row.value)) for row in rows]
+    widths = [max(len(cells[i]) for cells in table) for i in range(2)]
+    for name, source, value in table:
+        print(f"{name.ljust(widths[0])}  {source.ljust(widths[1])}  {value}")
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "-" if value is None else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,19 @@
-"""Settings: built once from flags, `HUBD_*` environment variables and an optional TOML file, then passed down.
+"""Settings: built once from flags, `HUBD_*` environment variables and TOML files, then passed down.
 
-Precedence (highest first): explicit keyword arguments (the CLI's flags), environment, the TOML file named by
-`HUBD_CONFIG`, the embedded defaults. Every field has a default, so `hubd` runs with no configuration at all.
+Precedence (highest first): explicit keyword arguments (the CLI's flags), environment, the user's
+`$XDG_CONFIG_HOME/hubd/config.toml` (default `~/.config/hubd/config.toml`), the machine's `/etc/hubd/hubd.toml`,
+the embedded defaults. `HUBD_CONFIG` names one file that replaces both file layers. Every field has a default,
+so `hubd` runs with no configuration at all; `hubd config` shows each effective setting and where it came from.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from hubd.errors import BadRequest
 from hubd_client.paths import default_cache_dir, default_socket
@@ -34,10 +39,40 @@ DEFAULT_ALLOWED_HOSTS = (
 )
 
 
+#: The machine's configuration file, below the user's; the system unit names it with HUBD_CONFIG.
+SYSTEM_CONFIG = Path("/etc/hubd/hubd.toml")
+
+#: Variables read outside Settings (by the CLI, the server's logging or the client library), with their defaults.
+OTHER_VARIABLES = {
+    "HUBD_CONFIG": ("the user's and the machine's files", "One TOML file to read instead of both file layers."),
+    "HUBD_LOG_LEVEL": ("info", "The daemon's log level (debug adds an access log); `serve --log-level`."),
+    "HUBD_SYSTEM": (
+        "off (on as root)",
+        "1: be the machine's daemon though not root (/run/hubd/hubd.sock, all users).",
+    ),
+    "HUBD_SOCKET_OWNER": ("root, hubd and yourself", "Clients: one more user trusted to own the socket."),
+    "HUBD_CLIENT_CONNECT_TIMEOUT": ("2", "Clients: seconds to connect to the daemon."),
+    "HUBD_CLIENT_TIMEOUT": ("10", "Clients: seconds to the first byte of an answer."),
+    "HUBD_CLIENT_IDLE_TIMEOUT": ("60", "Clients: seconds a progress stream may stay silent."),
+    "HUBD_TFHUB": ("off", "1: `import tensorflow_hub` resolves and loads through hubd."),
+}
+
+
+def config_files(environ: Mapping[str, str] = os.environ, system: Path = SYSTEM_CONFIG) -> list[Path]:
+    """The TOML files settings may come from, highest precedence first (a file that does not exist is skipped)."""
+    named = environ.get("HUBD_CONFIG")
+    if named:
+        return [Path(named)]
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".config"  # XDG: a relative value is ignored
+    return [base / "hubd" / "config.toml", system]
+
+
 class Settings(BaseSettings):
     """Everything the engine needs to know, validated once."""
 
     model_config = SettingsConfigDict(env_prefix="HUBD_", extra="forbid", validate_default=True)
+    system_config: ClassVar[Path] = SYSTEM_CONFIG
 
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Root of the machine-wide cache.")
     offline: bool = Field(False, description="Serve only what is cached; never touch the network.")
@@ -141,11 +176,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("HUBD_CONFIG")
-        if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
+        files = config_files(system=getattr(settings_cls, "system_config", SYSTEM_CONFIG))
+        return (init_settings, env_settings, *(TomlConfigSettingsSource(settings_cls, toml_file=f) for f in files))
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -172,6 +204,47 @@ def load_settings(**overrides: Any) -> Settings:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
         )
+        files = " and ".join(str(f) for f in config_files())
         raise BadRequest(
-            f"invalid configuration: {problems}", "check the flags, HUBD_* variables and the HUBD_CONFIG file"
+            f"invalid configuration: {problems}", f"check the flags, HUBD_* variables and {files}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Effective:
+    """One setting as `hubd config` shows it."""
+
+    name: str
+    env: str
+    value: Any
+    source: str
+    """"flag", "env", the path of the TOML file it came from, or "default"."""
+
+
+def effective(
+    settings: Settings, flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> list[Effective]:
+    """Each field of `settings` with the layer that set it, in the order Settings reads them."""
+    given = {key for key, value in flags.items() if value is not None}
+    env_names = {key.upper() for key in environ}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for path in config_files(environ, type(settings).system_config):
+        if path.is_file():
+            with path.open("rb") as f:
+                layers.append((str(path), tomllib.load(f)))
+    out = []
+    for name in Settings.model_fields:
+        env = f"HUBD_{name.upper()}"
+        if name in given:
+            source = "flag"
+        elif env in env_names:
+            source = "env"
+        else:
+            source = next((path for path, data in layers if name in data), "default")
+        out.append(Effective(name, env, getattr(settings, name), source))
+    for env, (default, _) in OTHER_VARIABLES.items():
+        set_to = next((value for key, value in environ.items() if key.upper() == env), None)
+        out.append(
+            Effective(env.removeprefix("HUBD_").lower(), env, set_to or default, "env" if set_to else "default")
+        )
+    return out

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from hubd.config import load_settings
+from hubd.config import OTHER_VARIABLES, SYSTEM_CONFIG, Settings, config_files, effective, load_settings
 from hubd.errors import BadRequest
-from tests.conftest import cli_env
+from tests.conftest import REPO, cli_env
 
 
 def test_embedded_defaults_need_no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,3 +106,99 @@ def test_the_installed_package_is_complete(tmp_path: Path) -> None:
     hubd_version, client_version, *requires = versions.split()
     assert hubd_version == client_version
     assert f"hubd-client=={client_version}" in requires, versions
+
+
+# -- where settings come from ----------------------------------------------------------------------------
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch, xdg: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("HUBD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+
+
+def _machine_settings(system: Path) -> type[Settings]:
+    """Settings whose machine-wide file is `system` (the real /etc/hubd/hubd.toml is not the tests' to write)."""
+    return type("MachineSettings", (Settings,), {"system_config": system})
+
+
+def test_flags_then_env_then_user_file_then_machine_file_then_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_env(monkeypatch, tmp_path / "xdg")
+    system = tmp_path / "etc" / "hubd.toml"
+    system.parent.mkdir()
+    system.write_text("retries = 1\nmax_fetches = 2\nmax_members = 3\nread_timeout = 4.0\n")
+    settings_cls = _machine_settings(system)
+    assert settings_cls().retries == 1
+    user = tmp_path / "xdg" / "hubd" / "config.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("retries = 11\nmax_fetches = 12\nmax_members = 13\n")
+    monkeypatch.setenv("HUBD_RETRIES", "21")
+    monkeypatch.setenv("HUBD_MAX_FETCHES", "22")
+    settings = settings_cls(retries=31)
+    assert (settings.retries, settings.max_fetches, settings.max_members, settings.read_timeout) == (31, 22, 13, 4)
+    assert settings.connect_timeout == Settings.model_fields["connect_timeout"].default
+
+    flags = {"retries": 31, "mirror": None}
+    sources = {row.name: row.source for row in effective(settings, flags)}
+    assert sources["retries"] == "flag" and sources["max_fetches"] == "env"
+    assert sources["max_members"] == str(user) and sources["read_timeout"] == str(system)
+    assert sources["mirror"] == sources["connect_timeout"] == "default"
+
+
+def test_hubd_config_names_one_file_that_replaces_both_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_env(monkeypatch, tmp_path / "xdg")
+    assert config_files() == [tmp_path / "xdg" / "hubd" / "config.toml", SYSTEM_CONFIG]
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")
+    assert config_files()[0] == Path.home() / ".config" / "hubd" / "config.toml"
+    named = tmp_path / "only.toml"
+    named.write_text("retries = 7\n")
+    monkeypatch.setenv("HUBD_CONFIG", str(named))
+    assert config_files() == [named]
+    system = tmp_path / "system.toml"
+    system.write_text("retries = 1\nmax_fetches = 2\n")
+    settings = _machine_settings(system)()
+    assert (settings.retries, settings.max_fetches) == (7, Settings.model_fields["max_fetches"].default)
+
+
+def test_hubd_config_prints_every_setting_and_its_source(tmp_path: Path) -> None:
+    user = tmp_path / "xdg" / "hubd" / "config.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text('max_size = "5G"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBD_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"), HUBD_RETRIES="9", HUBD_CLIENT_TIMEOUT="3")
+    hubd = [sys.executable, "-m", "hubd", "config", "--mirror", "http://mirror.lan:8760"]
+    result = subprocess.run([*hubd, "--json"], env=env, capture_output=True, text=True, check=True)
+    rows = {row["env"]: row for row in json.loads(result.stdout)}
+    assert {f"HUBD_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES.keys() == rows.keys()
+    assert rows["HUBD_MIRROR"] == {
+        "name": "mirror",
+        "env": "HUBD_MIRROR",
+        "value": "http://mirror.lan:8760",
+        "source": "flag",
+    }
+    assert (rows["HUBD_RETRIES"]["value"], rows["HUBD_RETRIES"]["source"]) == (9, "env")
+    assert (rows["HUBD_MAX_SIZE"]["value"], rows["HUBD_MAX_SIZE"]["source"]) == (5 * 2**30, str(user))
+    assert (rows["HUBD_CLIENT_TIMEOUT"]["value"], rows["HUBD_CLIENT_TIMEOUT"]["source"]) == ("3", "env")
+    assert rows["HUBD_OFFLINE"] == {"name": "offline", "env": "HUBD_OFFLINE", "value": False, "source": "default"}
+    text = subprocess.run(hubd, env=env, capture_output=True, text=True, check=True).stdout
+    assert re.search(rf"^HUBD_MAX_SIZE +{re.escape(str(user))} +5368709120$", text, re.M)
+    assert re.search(r"^HUBD_MIRROR +flag +http://mirror.lan:8760$", text, re.M)
+
+
+def test_the_example_config_sets_every_setting_validly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd/hubd.toml.example, every line uncommented, is a valid configuration naming every setting."""
+    example = (REPO / "systemd" / "hubd.toml.example").read_text()
+    setting = re.compile(r"^# ([a-z_]+ = .*|\s{4,}\S.*)$")  # a key, or the continuation of a list
+    uncommented = "\n".join(m.group(1) for line in example.splitlines() if (m := setting.match(line)))
+    keys = tomllib.loads(uncommented).keys()
+    assert set(keys) == set(Settings.model_fields)
+    config = tmp_path / "hubd.toml"
+    config.write_text(uncommented)
+    _clean_env(monkeypatch, tmp_path / "xdg")
+    monkeypatch.setenv("HUBD_CONFIG", str(config))
+    assert load_settings().max_size == 50 * 2**30
