@@ -32,15 +32,29 @@ def tfhub(path: str) -> str:
 # -- systemd -------------------------------------------------------------------------------------------
 
 
+def _user_scripts(home: Path) -> Path:
+    """Where `pip install --user` puts console scripts for a user whose home is `home`."""
+    code = "import sysconfig; print(sysconfig.get_path('scripts', 'posix_user'))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUSERBASE"} | {"HOME": str(home)}
+    return Path(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+    )
+
+
 def _verify_units(tmp_path: Path, folder: Path, user: bool) -> subprocess.CompletedProcess[str]:
-    """systemd-analyze verify, with ExecStart pointed at this environment's hubd (it checks it exists)."""
+    """systemd-analyze verify (it checks that ExecStart exists). The system units' ExecStart is pointed at this
+    environment's hubd; the user units are verified as shipped, for a user whose `pip install --user` put hubd
+    where pip puts scripts (linked here to this environment's hubd)."""
     hubd = Path(sys.executable).parent / "hubd"
     out = tmp_path / ("user" if user else "system")
     out.mkdir()
+    home = tmp_path / "home"
     for unit in ("hubd.service", "hubd.socket"):
         text = (folder / unit).read_text()
-        text = text.replace("/usr/local/bin/hubd", str(hubd)).replace("%h/.local/bin/hubd", str(hubd))
-        (out / unit).write_text(text)
+        (out / unit).write_text(text if user else text.replace("/usr/local/bin/hubd", str(hubd)))
+    if user:
+        _user_scripts(home).mkdir(parents=True)
+        (_user_scripts(home) / "hubd").symlink_to(hubd)
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     cmd = [
@@ -50,7 +64,7 @@ def _verify_units(tmp_path: Path, folder: Path, user: bool) -> subprocess.Comple
         str(out / "hubd.socket"),
         str(out / "hubd.service"),
     ]
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "warning"}
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "warning", "HOME": str(home)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
@@ -61,6 +75,26 @@ def test_systemd_units_verify_cleanly(tmp_path: Path, user: bool) -> None:
     result = _verify_units(tmp_path, folder, user)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_the_user_unit_runs_the_hubd_that_pip_install_user_installs(tmp_path: Path) -> None:
+    service = (REPO / "systemd" / "user" / "hubd.service").read_text().splitlines()
+    assert "ExecStart=%h/.local/bin/hubd serve" in service
+    assert _user_scripts(tmp_path) == tmp_path / ".local" / "bin"
+
+
+@pytest.mark.parametrize("unit", ["hubd.service", "hubd.socket", "user/hubd.service", "user/hubd.socket"])
+def test_units_document_themselves_with_urls_or_the_installed_readme(unit: str) -> None:
+    """Documentation= names a URL, or the README that the README's install steps put under share/doc/hubd/."""
+    lines = (REPO / "systemd" / unit).read_text().splitlines()
+    docs = [d for line in lines if line.startswith("Documentation=") for d in line.split("=", 1)[1].split()]
+    assert docs
+    for doc in docs:
+        if doc.startswith("file:"):
+            home = "%h/.local" if unit.startswith("user/") else "/usr"
+            assert doc == f"file://{home}/share/doc/hubd/README.md", doc
+        else:
+            assert doc.startswith(("https://", "http://", "man:", "info:")), doc
 
 
 def test_system_unit_is_hardened_and_socket_is_group_only() -> None:
