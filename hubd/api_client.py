@@ -69,6 +69,21 @@ def _probe_socket(settings: Settings, timeout: float) -> None:
     connect_checked(settings.socket, timeout=timeout).close()
 
 
+def _token_header(settings: Settings) -> dict[str, str]:
+    """Over TCP, the admin token from --token-file / HUBD_TOKEN_FILE (the socket needs none: the kernel says who
+    connects). Never sent over the socket, so a token meant for one daemon does not travel to another."""
+    if not settings.url or settings.token_file is None:
+        return {}
+    try:
+        token = settings.token_file.read_text().strip()
+    except OSError as exc:
+        raise HubdError(
+            f"cannot read the admin token file {settings.token_file}: {exc.strerror}",
+            "check --token-file / HUBD_TOKEN_FILE and that you may read it",
+        ) from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class DaemonClient:
     def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
@@ -80,7 +95,9 @@ class DaemonClient:
             connector = aiohttp.UnixConnector(path=os.path.realpath(settings.socket))  # as checked
             self.base = "http://localhost"
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout(self.first_byte, total=timeout)
+            connector=connector,
+            timeout=self._timeout(self.first_byte, total=timeout),
+            headers=_token_header(settings),
         )
 
     def _timeout(self, read: float | None, total: float | None = None) -> aiohttp.ClientTimeout:
@@ -156,8 +173,9 @@ class DaemonClient:
         data = await self._json("POST", "/v1/verify", {"handle": handle, "heal": heal}, long=True)
         return list(data["results"])
 
-    async def gc(self, dry_run: bool) -> dict[str, Any]:
-        return dict(await self._json("POST", "/v1/gc", {"dry_run": dry_run}, long=True))
+    async def gc(self, dry_run: bool, max_size: int | None = None) -> dict[str, Any]:
+        body = {"dry_run": dry_run, "max_size": max_size}
+        return dict(await self._json("POST", "/v1/gc", body, long=True))
 
     async def status(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/v1/status"))

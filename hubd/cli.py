@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from hubd_client.handles import parse_handle
+from hubd_client.paths import SYSTEM_SOCKET
 
 from hubd import __version__
 from hubd.api_client import DaemonClient, error_from
 from hubd.audit import ACTIONS, AuditLog, parse_time, uid_of, user_name
-from hubd.config import Settings, effective, load_settings
+from hubd.config import Settings, effective, load_settings, parse_size
 from hubd.engine import Engine
 from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, UnknownModel
@@ -45,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-host", action="append", dest="http_hosts", help="allow plain http to this host (repeatable)"
     )
     common.add_argument("--socket", help="the daemon's Unix socket (env HUBD_SOCKET)")
+    common.add_argument(
+        "--token-file", help="admin token: serve checks it, commands send it over TCP (env HUBD_TOKEN_FILE)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the daemon")
     serve.add_argument("--listen", action="append", help="also serve on loopback TCP, e.g. 127.0.0.1:8750")
     serve.add_argument("--manifest", action="append", help="prefetch this manifest and watch it (repeatable)")
     serve.add_argument("--admin-group", help="members of this group may delete models")
-    serve.add_argument("--token-file", help="file holding the admin token for TCP requests")
     serve.add_argument("--max-size", help="quota for cached models, e.g. 50G; least recently used go first")
     serve.add_argument(
         "--mirror-listen", action="append", help="serve the TF Hub hosting protocol to other machines on HOST:PORT"
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = commands.add_parser("gc", parents=[common], help="evict to fit the quota; drop orphans and quarantine")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    gc.add_argument("--max-size", help="quota to collect down to (default: the daemon's / HUBD_MAX_SIZE)")
+    gc.add_argument("--max-size", help="size to collect down to, e.g. 40G (default: the quota, HUBD_MAX_SIZE)")
     gc.set_defaults(run=_gc)
 
     status = commands.add_parser("status", parents=[common], help="cache size, entries, pins, upstream")
@@ -178,22 +181,63 @@ async def _run(
     daemon_required: bool = False,
 ) -> int:
     settings = settings_from(args)
+    candidates = _daemon_candidates(settings)
     if not force_local:
-        async with DaemonClient(settings) as client:
-            if await client.is_running():
-                return await via_daemon(client)
+        for candidate in candidates:
+            async with DaemonClient(candidate) as client:
+                if await client.is_running():
+                    args.used = f"the daemon at {candidate.url or f'unix:{candidate.socket}'}"
+                    _refuse_unhonoured(args, args.used)
+                    return await via_daemon(client)
         if daemon_required:
             raise BadRequest(
-                f"no hubd daemon answers at {settings.url or settings.socket}",
+                f"no hubd daemon answers at {_where(candidates)}",
                 "start it (`hubd serve`, or `systemctl start hubd`), or pass --no-daemon to fetch in this process",
             )
     _check_owner(settings)
     engine = Engine(settings)
     await engine.start()
+    args.used = f"the cache {settings.cache_dir}, in this process"
+    if not force_local:
+        print(
+            f"note: no hubd daemon answers at {_where(candidates)}; working in this process on the cache "
+            f"{settings.cache_dir}",
+            file=sys.stderr,
+        )
     try:
         return await in_process(engine)
     finally:
         await engine.close()
+
+
+#: Flags that change how this process would fetch: a daemon fetches with its own settings, so they cannot apply.
+_DAEMONS_OWN = (
+    ("cache_dir", "--cache-dir", "the daemon serves its own cache (`hubd status` names it)"),
+    ("mirror", "--mirror", "the daemon's admin sets its mirror (HUBD_MIRROR in its unit or config file)"),
+    ("http_hosts", "--http-host", "the daemon's admin sets plain-http hosts (HUBD_HTTP_HOSTS)"),
+)
+
+
+def _refuse_unhonoured(args: argparse.Namespace, daemon: str) -> None:
+    """Refuse a flag the daemon cannot honour rather than ignore it."""
+    for dest, flag, why in _DAEMONS_OWN:
+        if getattr(args, dest, None):
+            raise BadRequest(
+                f"{flag} cannot apply: {daemon} answers, and it fetches with its own settings",
+                f"drop {flag}; {why}. To work without the daemon, point --socket at a path where none listens",
+            )
+
+
+def _daemon_candidates(settings: Settings) -> list[Settings]:
+    """Where to look for a daemon: the one configured (--socket, HUBD_SOCKET, HUBD_URL, the config file); with
+    none, the user's own daemon, then the system daemon."""
+    if settings.url or "socket" in settings.model_fields_set or settings.socket == SYSTEM_SOCKET:
+        return [settings]
+    return [settings, settings.model_copy(update={"socket": SYSTEM_SOCKET})]
+
+
+def _where(candidates: list[Settings]) -> str:
+    return " or ".join(s.url or f"unix:{s.socket}" for s in candidates)
 
 
 def _check_owner(settings: Settings) -> None:
@@ -232,7 +276,7 @@ def _pull(args: argparse.Namespace) -> int:
     bar = ProgressBar(args.handle)
 
     async def via_daemon(client: DaemonClient) -> int:
-        body = {"handle": args.handle, "sha256": args.sha256}
+        body = {"handle": args.handle, "sha256": args.sha256, "offline": bool(args.offline)}
         entry = await _stream_into_bar(client.stream("/v1/pull", body), bar)
         print(entry.path)
         return 0
@@ -394,7 +438,7 @@ def _gc(args: argparse.Namespace) -> int:
         return 0
 
     async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.gc(args.dry_run))
+        return show(await client.gc(args.dry_run, parse_size(args.max_size) if args.max_size else None))
 
     async def in_process(engine: Engine) -> int:
         report = await engine.gc(dry_run=args.dry_run)
@@ -406,10 +450,11 @@ def _gc(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     def show(status: dict[str, Any]) -> int:
         if args.json:
-            print(json.dumps(status, indent=2))
+            print(json.dumps({**status, "via": args.used}, indent=2))
             return 0
         quota = human_bytes(status["max_size"]) if status["max_size"] else "none"
         upstream = status["upstream"]
+        print(f"via       {args.used}")
         print(f"cache     {status['cache_dir']}")
         print(f"size      {human_bytes(status['size_bytes'])} (quota {quota})")
         print(f"entries   {status['entries']} ok, {status['pinned']} pinned, {status['broken']} broken")

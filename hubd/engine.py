@@ -17,7 +17,7 @@ import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -117,6 +117,9 @@ class Engine:
         self._fetch_slots = FetchSlots(settings.max_fetches)
         self._user_slots: dict[int | None, FetchSlots] = {}
         """Per uid (None: callers without one, e.g. over TCP, share a bucket); bounded by the machine's users."""
+        self._interactive_fetches = 0
+        self._no_interactive_fetch = asyncio.Event()
+        self._no_interactive_fetch.set()
         self.catalog = Catalog(settings.cache_dir, fsync=settings.fsync)
         """Who asked for each model, and the aliases manifests give models."""
         self.audit = AuditLog(settings.cache_dir, fsync=settings.fsync)
@@ -227,6 +230,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         uid: int | None = None,
         interactive: bool = True,
+        offline: bool = False,
     ) -> Entry:
         """The published entry for `handle` (or for the handle a manifest names so), fetching it once if needed.
 
@@ -248,8 +252,8 @@ class Engine:
             self.stats["hits"] += 1
             log.info("fetch handle=%s cache=hit bytes=0 seconds=%.3f", source.handle, time.monotonic() - started)
             return self._attributed(cached, uid)
-        if self.settings.offline:
-            raise self._not_cached(source, "hubd is offline")
+        if self.settings.offline or offline:
+            raise self._not_cached(source, "hubd is offline" if self.settings.offline else "offline was asked for")
         self.stats["misses"] += 1
         return self._attributed(await self._join_flight(source, sha256, on_progress, uid, interactive), uid)
 
@@ -322,7 +326,7 @@ class Engine:
 
         started = time.monotonic()
         try:
-            async with user.slot(interactive), self._fetch_slots.slot(interactive):
+            async with user.slot(interactive), self._fetch_slots.slot(interactive), self._counted(flight):
                 return await self._fetch_locked(source, sha256, flight)
         except HubdError as exc:
             log.warning(
@@ -333,6 +337,31 @@ class Engine:
                 exc.message,
             )
             raise
+
+    @asynccontextmanager
+    async def _counted(self, flight: _Flight) -> AsyncIterator[None]:
+        """Count the interactive fetches running, for prefetches to yield to (see `_yield_to_interactive`)."""
+        counted = flight.interactive
+        if counted:
+            self._interactive_fetches += 1
+            self._no_interactive_fetch.clear()
+        try:
+            yield
+        finally:
+            if counted:
+                self._interactive_fetches -= 1
+                if self._interactive_fetches == 0:
+                    self._no_interactive_fetch.set()
+
+    async def _yield_to_interactive(self) -> None:
+        """Before each chunk of a prefetch: while someone waits for a model, hold back (up to PREFETCH_YIELD
+        seconds a chunk, so a prefetch still moves, well above HUBD_MIN_RATE, during a long interactive fetch).
+        On a machine of few cores the bandwidth and the CPU that inflating and hashing take go to the fetch
+        someone is waiting for."""
+        if self._interactive_fetches:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(PREFETCH_YIELD):
+                    await self._no_interactive_fetch.wait()
 
     async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         flight.emit("waiting", 0, None)
@@ -373,7 +402,7 @@ class Engine:
                     self.http_hosts,
                     flight.emit,
                     room.check,
-                    room.need,
+                    lambda received: self._before_chunk(flight, room, received),
                     spool,
                 )
                 result = await download.run()
@@ -495,6 +524,11 @@ class Engine:
             except OSError as exc:
                 logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
         self._meta_cache[meta.digest] = meta
+
+    async def _before_chunk(self, flight: _Flight, room: _Room, received: int) -> None:
+        if not flight.interactive:
+            await self._yield_to_interactive()
+        await room.need(received)
 
     def _where_from(self, url: str, result: FetchResult) -> str:
         """upstream or mirror, with "spool+" in front when part of the archive came from a resume spool."""
@@ -713,9 +747,10 @@ class Engine:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return url, False, f"{type(exc).__name__}: {exc}"
 
-    async def gc(self, dry_run: bool = False) -> GcReport:
-        """Evict to fit the quota (`max_size`); always drops unreferenced objects and quarantined trees."""
-        return await asyncio.to_thread(collect, self, self.settings.max_size, dry_run)
+    async def gc(self, dry_run: bool = False, max_size: int | None = None) -> GcReport:
+        """Evict to fit `max_size` (default: the quota); always drops orphaned objects and quarantined trees."""
+        quota = max_size if max_size is not None else self.settings.max_size
+        return await asyncio.to_thread(collect, self, quota, dry_run)
 
     async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
         """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
@@ -753,6 +788,9 @@ class Engine:
 
 SPOOL_MAX_AGE = 7 * 86400
 """Seconds an interrupted download's spool is kept for a resume."""
+
+PREFETCH_YIELD = 0.5
+"""Seconds a prefetch holds back before each chunk while an interactive fetch runs."""
 
 
 class _Room:

@@ -20,6 +20,7 @@ async def resolve_many(
     uid: int | None = None,
     interactive: bool = False,
     source: str = "a manifest",
+    offline: bool = False,
 ) -> AsyncIterator[BaseModel]:
     """Yield progress, then a done or error event per model, then (optionally) a summary.
 
@@ -44,7 +45,12 @@ async def resolve_many(
         async with limit:
             try:
                 entry = await engine.resolve(
-                    item.handle, sha256=item.sha256, on_progress=progress, uid=uid, interactive=interactive
+                    item.handle,
+                    sha256=item.sha256,
+                    on_progress=progress,
+                    uid=uid,
+                    interactive=interactive,
+                    offline=offline,
                 )
                 if item.pin:
                     engine.pin(entry.id, pin_name(item, source), uid)

@@ -11,8 +11,8 @@ from pathlib import Path
 from hubd.config import Settings
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon
-from tests.users import LocalUser
-from tests.workstation import cli_as, request_as, run_as_member, workstation
+from tests.users import LocalUser, shared_dir
+from tests.workstation import cli_as, request_as, run_as_member, visible, workstation
 
 CLIENT_RESOLVE = "import sys, hubd_client; print(hubd_client.resolve(sys.argv[1]))"
 
@@ -39,7 +39,7 @@ def test_a_manifest_name_resolves_like_its_handle_for_every_user(
 ) -> None:
     path = upstream.publish("reusable")
     course = manifest(tmp_path, "course.toml", f'[[model]]\nhandle = "{tfhub(path)}"\nname = "reuse128"\n')
-    with workstation(settings, victim) as d:
+    with shared_dir() as public, workstation(visible(settings, public), victim) as d:  # paths users can reach
         assert prefetch(d, settings, course).returncode == 0
         entry = d.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from hubd.config import Settings
@@ -38,13 +39,7 @@ def workstation(
 ) -> Iterator[Daemon]:
     """Root's daemon on a socket in a directory everyone can traverse, for a group holding `users`, and a cache
     they can read (as root's systemd unit sets it up)."""
-    group = "hubd-ws-test"
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        subprocess.run(["groupadd", group], check=True, capture_output=True)
-    for user in users:
-        subprocess.run(["usermod", "-aG", group, user.name], check=True, capture_output=True)
+    group = ensure_group(*users)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     make_reachable(settings.cache_dir)
     with shared_dir(mode=0o755) as public:
@@ -53,6 +48,24 @@ def workstation(
             yield d
         finally:
             d.stop()
+
+
+def visible(settings: Settings, public: Path) -> Settings:
+    """`settings` with the cache under `public` (a `shared_dir`): users must reach the paths the daemon returns,
+    and pytest's tmp root is 0700 (other pytest sessions set it back so while a test runs)."""
+    return settings.model_copy(update={"cache_dir": public / "cache"})
+
+
+def ensure_group(*users: LocalUser) -> str:
+    """The group test daemons give their socket to, with `users` in it; its name."""
+    group = "hubd-ws-test"
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        subprocess.run(["groupadd", group], check=True, capture_output=True)
+    for user in users:
+        subprocess.run(["usermod", "-aG", group, user.name], check=True, capture_output=True)
+    return group
 
 
 def run_as_member(

@@ -43,6 +43,12 @@ def default_socket() -> Path:
     return (Path(runtime) / "hubd" if runtime else Path(f"/tmp/hubd-{os.getuid()}")) / "hubd.sock"
 
 
+def client_sockets() -> list[Path]:
+    """Where a client with no HUBD_SOCKET looks, in order: the user's own daemon, then the system daemon."""
+    own = default_socket()
+    return [own] if own == SYSTEM_SOCKET else [own, SYSTEM_SOCKET]
+
+
 def system_uids() -> set[int]:
     """root, and the system daemon's account where it exists."""
     uids = {0}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hubd_client.paths import UntrustedSocket, connect_checked, default_socket
+from hubd_client.paths import UntrustedSocket, client_sockets, connect_checked
 
 #: Defaults of the client's time limits, in seconds (each read from the environment at every request).
 CONNECT_TIMEOUT = 2.0
@@ -76,15 +76,21 @@ class _TCPConnection(http.client.HTTPConnection):
 
 def where() -> str:
     """Where requests go, for error messages."""
-    return os.environ.get("HUBD_URL") or f"unix:{os.environ.get('HUBD_SOCKET') or default_socket()}"
+    return os.environ.get("HUBD_URL") or " or ".join(f"unix:{path}" for path in _sockets())
 
 
-def _connection(connect_timeout: float, first_byte: float) -> http.client.HTTPConnection:
+def _sockets() -> list[str]:
+    """HUBD_SOCKET; else the user's daemon, then the system daemon (the first that answers is used)."""
+    given = os.environ.get("HUBD_SOCKET")
+    return [given] if given else [str(path) for path in client_sockets()]
+
+
+def _connections(connect_timeout: float, first_byte: float) -> list[http.client.HTTPConnection]:
     url = os.environ.get("HUBD_URL")
     if url:
         parts = urlsplit(url)
-        return _TCPConnection(parts.hostname or "127.0.0.1", parts.port or 80, connect_timeout, first_byte)
-    return _UnixConnection(str(os.environ.get("HUBD_SOCKET") or default_socket()), connect_timeout, first_byte)
+        return [_TCPConnection(parts.hostname or "127.0.0.1", parts.port or 80, connect_timeout, first_byte)]
+    return [_UnixConnection(path, connect_timeout, first_byte) for path in _sockets()]
 
 
 def _last_event(response: http.client.HTTPResponse) -> Any:
@@ -102,7 +108,26 @@ def request(method: str, path: str, body: Any = None, stream: bool = False) -> t
     With `stream`, a 200 answer is an NDJSON stream read to its end, and its last event is returned.
     """
     connect_timeout, first_byte, idle = timeouts()
-    connection = _connection(connect_timeout, first_byte)
+    candidates = _connections(connect_timeout, first_byte)
+    for connection in candidates[:-1]:
+        try:  # a socket nobody listens on (no daemon of the user's): on to the system daemon's
+            return _request(connection, connect_timeout, first_byte, idle, method, path, body, stream)
+        except Unreachable as exc:
+            if isinstance(exc, Untrusted):
+                raise
+    return _request(candidates[-1], connect_timeout, first_byte, idle, method, path, body, stream)
+
+
+def _request(
+    connection: http.client.HTTPConnection,
+    connect_timeout: float,
+    first_byte: float,
+    idle: float,
+    method: str,
+    path: str,
+    body: Any,
+    stream: bool,
+) -> tuple[int, Any]:
     payload = json.dumps(body).encode() if body is not None else None
     waiting_for = f"could not connect within {connect_timeout:g} s (HUBD_CLIENT_CONNECT_TIMEOUT)"
     try:

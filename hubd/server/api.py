@@ -22,6 +22,7 @@ class _Strict(BaseModel):
 class ResolveRequest(_Strict):
     handle: str = HANDLE
     sha256: str | None = SHA256
+    offline: bool = Field(False, description="Answer from the cache only: never fetch (as `hubd --offline`).")
 
 
 class PullRequest(ResolveRequest):
@@ -45,6 +46,7 @@ class PrefetchRequest(_Strict):
 
 class GcRequest(_Strict):
     dry_run: bool = False
+    max_size: int | None = Field(None, ge=0, description="Collect down to this many bytes (default: the quota).")
 
 
 class GcResponse(_Strict):

@@ -148,7 +148,7 @@ async def resolve(request: web.Request) -> web.Response:
     body = await parse_body(request, ResolveRequest)
     handle, sha256 = _expand_alias(_engine(request), body.handle, body.sha256)
     _remote_only(handle)
-    entry = await _engine(request).resolve(handle, sha256=sha256, uid=_uid(request))
+    entry = await _engine(request).resolve(handle, sha256=sha256, uid=_uid(request), offline=body.offline)
     return json_response(entry)
 
 
@@ -157,7 +157,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     handle, sha256 = _expand_alias(_engine(request), body.handle, body.sha256)
     _remote_only(handle)  # a bad handle is a plain 400, before the stream starts
     wanted = [ManifestEntry(handle=handle, sha256=sha256, name=None)]
-    return await _stream_resolves(request, wanted, summary=False, interactive=True)
+    return await _stream_resolves(request, wanted, summary=False, interactive=True, offline=body.offline)
 
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
@@ -189,6 +189,7 @@ async def _stream_resolves(
     summary: bool,
     interactive: bool,
     source: str = "a manifest",
+    offline: bool = False,
 ) -> web.StreamResponse:
     """Stream NDJSON events; a client that disconnects stops reading, the fetches go on for everyone else.
 
@@ -210,7 +211,13 @@ async def _stream_resolves(
 
     events = aiter(
         resolve_many(
-            _engine(request), wanted, summary=summary, uid=_uid(request), interactive=interactive, source=source
+            _engine(request),
+            wanted,
+            summary=summary,
+            uid=_uid(request),
+            interactive=interactive,
+            source=source,
+            offline=offline,
         )
     )
     try:
@@ -271,7 +278,7 @@ def _remove_exclusively(engine: Engine, model_id: str, uid: int | None, force: b
 async def gc(request: web.Request) -> web.Response:
     request.app[ADMIN].check(request)
     body = await parse_body(request, GcRequest)
-    report = await _engine(request).gc(dry_run=body.dry_run)
+    report = await _engine(request).gc(dry_run=body.dry_run, max_size=body.max_size)
     return json_response(GcResponse(**report.__dict__))
 
 
