@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import re
@@ -649,6 +650,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hubd: interrupted; nothing partial was published", file=sys.stderr)
         return 130
+    except OSError as exc:  # an operational mistake (permissions, a missing directory, a port in use): one line
+        message, hint = _os_error(exc)
+        print(f"hubd: error: {message} (hint: {hint})", file=sys.stderr)
+        return 1
+
+
+_OS_HINTS = {
+    errno.EACCES: "check who owns it and its mode (`ls -ld`), run as that user, or choose another place "
+    "(--cache-dir, --socket; HUBD_CACHE_DIR, HUBD_SOCKET)",
+    errno.ENOENT: "create the missing directory, or fix the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+    errno.EROFS: "the file system is read-only: choose a writable place (--cache-dir, HUBD_CACHE_DIR)",
+    errno.ENOSPC: "free space on that disk (`hubd gc`, `hubd rm`), or choose another place",
+    errno.EADDRINUSE: "another process listens there: stop it, or choose another --listen / --socket",
+}
+_OS_HINTS[errno.EPERM] = _OS_HINTS[errno.EACCES]
+
+
+def _os_error(exc: OSError) -> tuple[str, str]:
+    """(message, hint) for an error the system reported, naming the path it was about."""
+    what = exc.strerror or str(exc)
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{what}{where}", _OS_HINTS.get(exc.errno or 0, "see the path and the reason it names")
 
 
 if __name__ == "__main__":

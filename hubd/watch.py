@@ -26,7 +26,7 @@ from watchdog.observers import Observer
 
 from hubd.config import Settings
 from hubd.engine import Engine
-from hubd.errors import HubdError
+from hubd.errors import BadRequest, HubdError
 from hubd.manifest import load_manifest
 from hubd.prefetch import pin_name
 
@@ -76,7 +76,13 @@ class Watchers:
         if self.settings.watch_cache:
             observer.schedule(_Forward(loop, self._object_changed), str(self.engine.store.objects), recursive=True)
         for folder in {p.parent for p in self._manifests}:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BadRequest(
+                    f"cannot watch manifests in {folder}: {exc.strerror}",
+                    "create that directory for the daemon's user, or fix --manifest / HUBD_MANIFESTS",
+                ) from None
             observer.schedule(_Forward(loop, self._manifest_changed), str(folder), recursive=False)
         observer.start()
         self._observer = observer

@@ -111,6 +111,7 @@ import os, pwd, sys
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 import asyncio, http.client, json, socket, time, concurrent.futures.thread, encodings.idna
 import hubd.cli, hubd.api_client, hubd.server.routes, hubd_client, hubd_client.resolver, hubd_client.transport
+import ctypes, hubd.server.daemon, hubd.watch, hubd.server.systemd, watchdog.observers, pdb, ssl
 os.initgroups(pwd.getpwuid(uid).pw_name, gid)
 os.setgid(gid)
 os.setuid(uid)

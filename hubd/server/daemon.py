@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import ipaddress
 import logging
@@ -57,11 +58,7 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 def bind_tcp(spec: str) -> socket.socket:
     host, port = parse_listen(spec)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
+    return _bound(host, port, spec)
 
 
 def bind_mirror(spec: str) -> socket.socket:
@@ -70,10 +67,26 @@ def bind_mirror(spec: str) -> socket.socket:
     host = host.strip("[]") or "0.0.0.0"
     if not sep or not port.isdigit():
         raise BadRequest(f"invalid mirror address {spec!r}", "use HOST:PORT, e.g. 0.0.0.0:8760")
+    return _bound(host, int(port), spec)
+
+
+def _bound(host: str, port: int, spec: str) -> socket.socket:
+    """A TCP socket bound to (host, port), or one error line saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hints = {
+            errno.EADDRINUSE: "another process listens on it (`ss -ltnp`): stop it, or choose another port",
+            errno.EACCES: "ports below 1024 need root: choose a port above 1024",
+            errno.EADDRNOTAVAIL: "this machine has no such address: use 127.0.0.1 or ::1",
+        }
+        raise BadRequest(
+            f"cannot listen on {spec}: {exc.strerror}", hints.get(exc.errno or 0, "choose another address")
+        ) from None
     return sock
 
 

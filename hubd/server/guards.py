@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hubd.errors import HubdError
+from hubd.errors import BadRequest, HubdError
 from hubd.server.namespaces import same_namespaces
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,7 +94,14 @@ class AdminPolicy:
     def __init__(
         self, admin_group: str | None, token_file: Path | None, trust_foreign_namespaces: bool = False
     ) -> None:
-        self.admin_gid = grp.getgrnam(admin_group).gr_gid if admin_group else None
+        try:
+            self.admin_gid = grp.getgrnam(admin_group).gr_gid if admin_group else None
+        except KeyError:
+            raise BadRequest(
+                f"there is no group named {admin_group!r} for admins",
+                f"create it (`groupadd {admin_group}`, then `usermod -aG {admin_group} USER`), or fix "
+                "--admin-group / HUBD_ADMIN_GROUP",
+            ) from None
         self.token_file = token_file
         self.trust_foreign_namespaces = trust_foreign_namespaces
 
