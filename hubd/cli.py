@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_argument("--json", action="store_true", help="machine-readable output")
     config.set_defaults(run=_config)
+
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(run=_completion)
     return parser
 
 
@@ -274,16 +278,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    bar = ProgressBar(args.handle)
+    bar = ProgressBar(args.handle, quiet=args.quiet)
 
     async def via_daemon(client: DaemonClient) -> int:
         body = {"handle": args.handle, "sha256": args.sha256, "offline": bool(args.offline)}
         entry = await _stream_into_bar(client.stream("/v1/pull", body), bar)
+        bar.close()  # before the path: on a terminal it must not land on the bar's line
         print(entry.path)
         return 0
 
     async def in_process(engine: Engine) -> int:
         entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar, uid=os.getuid())
+        bar.close()
         print(entry.path)
         return 0
 
@@ -295,7 +301,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest_file)  # errors point at the entry before anything is sent
-    board = ProgressBoard([m.handle for m in manifest.model])
+    board = ProgressBoard([m.handle for m in manifest.model], quiet=args.quiet)
     results: dict[str, str] = {}
 
     async def consume(events: AsyncIterator[Any]) -> int:
@@ -622,6 +628,14 @@ def _config(args: argparse.Namespace) -> int:
     widths = [max(len(cells[i]) for cells in table) for i in range(2)]
     for name, source, value in table:
         print(f"{name.ljust(widths[0])}  {source.ljust(widths[1])}  {value}")
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    """`source <(hubd completion bash)`, or `hubd completion zsh > "${fpath[1]}/_hubd"`."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
     return 0
 
 

@@ -1,10 +1,25 @@
-"""Progress on a terminal: a redrawn bar on a TTY, a few plain lines when piped, always on stderr."""
+"""Progress on stderr: rich bars (rate, ETA) on a terminal, a few plain lines when piped, nothing when quiet.
+
+rich draws the bars: it keeps them at the bottom of the terminal while other output scrolls above, measures
+rate and time remaining over a window, and honours NO_COLOR and TERM=dumb. Results go to stdout only after the
+bar is closed, so a path printed by `hubd pull` never lands on the bar's line.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 def human_bytes(count: float) -> str:
@@ -15,92 +30,100 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-class ProgressBar:
-    """Callable as a `ProgressCallback`. Quiet (phase changes only) when the stream is not a terminal."""
+def _bars(stream: TextIO) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[phase]}"),
+        BarColumn(bar_width=14),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=stream, highlight=False),
+        redirect_stdout=False,  # stdout is for results, and may be a pipe: never drawn into the bars
+    )
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
+
+def _short(label: str, width: int = 24) -> str:
+    """Handles differ at their end (model, version): keep that part when one is too long for the line."""
+    return label if len(label) <= width else "…" + label[-(width - 1) :]
+
+
+def _update(progress: Progress, task: TaskID, phase: str, done: int, total: int | None) -> None:
+    if total is None and not done:  # verify, publish: no byte counts of their own; keep the download's
+        progress.update(task, phase=phase)
+    else:
+        progress.update(task, completed=done, total=total, phase=phase)
+
+
+class ProgressBar:
+    """Callable as a `ProgressCallback`: one bar on a terminal, phase changes only when piped."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, quiet: bool = False) -> None:
         self.label = label
         self.stream = stream or sys.stderr
-        self.width = width
+        self.quiet = quiet
         self.is_tty = self.stream.isatty()
         self._phase = ""
-        self._started = time.monotonic()
-        self._drawn = False
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if self.quiet:
+            return
         if not self.is_tty:
             if phase != self._phase:
                 self._phase = phase
                 self.stream.write(f"{self.label}: {phase}\n")
                 self.stream.flush()
             return
-        self._phase = phase
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = f"{human_bytes(done / elapsed)}/s" if done else ""
-        if total:
-            filled = int(self.width * min(done / total, 1.0))
-            bar = "#" * filled + "-" * (self.width - filled)
-            text = f"{self.label} {phase} [{bar}] {human_bytes(done)}/{human_bytes(total)} {rate}"
-        else:
-            text = f"{self.label} {phase} {human_bytes(done) if done else ''} {rate}"
-        self.stream.write("\r\x1b[K" + text[:200])
-        self.stream.flush()
-        self._drawn = True
+        if self._progress is None:
+            self._progress = _bars(self.stream)
+            self._progress.start()
+            self._task = self._progress.add_task(_short(self.label), total=total, phase=phase)
+        assert self._task is not None
+        _update(self._progress, self._task, phase, done, total)
 
     def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Leave the bar's last state on its own line; safe to call twice."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 class ProgressBoard:
-    """One progress line per model: redrawn in place on a TTY, a line per phase change otherwise."""
+    """One bar per model on a terminal, a line per phase change otherwise, nothing when quiet."""
 
-    def __init__(self, handles: list[str], stream: TextIO | None = None) -> None:
+    def __init__(self, handles: list[str], stream: TextIO | None = None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
+        self.quiet = quiet
         self.is_tty = self.stream.isatty()
         self.handles = list(dict.fromkeys(handles))
-        self.lines = {h: "queued" for h in self.handles}
         self._phases: dict[str, str] = {}
-        self._drawn = 0
-        self._last = 0.0
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        if self.is_tty and not quiet and self.handles:
+            self._progress = _bars(self.stream)
+            self._tasks = {h: self._progress.add_task(_short(h), total=None, phase="queued") for h in self.handles}
+            self._progress.start()
 
     def update(self, handle: str, phase: str, done: int, total: int | None) -> None:
-        if not self.is_tty:
-            if self._phases.get(handle) != phase:
-                self._phases[handle] = phase
-                self.stream.write(f"{handle}: {phase}\n")
-                self.stream.flush()
-            return
-        if total:
-            filled = int(20 * min(done / total, 1.0))
-            self.lines[handle] = (
-                f"{phase} [{'#' * filled}{'-' * (20 - filled)}] {human_bytes(done)}/{human_bytes(total)}"
-            )
-        else:
-            self.lines[handle] = f"{phase} {human_bytes(done) if done else ''}"
-        now = time.monotonic()
-        if now - self._last > 0.1:
-            self._last = now
-            self._draw()
+        if self._progress is not None:
+            _update(self._progress, self._tasks[handle], phase, done, total)
+        elif not self.quiet and self._phases.get(handle) != phase:
+            self._phases[handle] = phase
+            self.stream.write(f"{handle}: {phase}\n")
+            self.stream.flush()
 
     def finish(self, handle: str, outcome: str) -> None:
-        self.lines[handle] = outcome
-        if self.is_tty:
-            self._draw()
-        else:
+        if self._progress is not None:
+            task = self._tasks[handle]
+            done = next(t.completed for t in self._progress.tasks if t.id == task)
+            self._progress.update(task, phase=outcome, total=done or 1, completed=done or 1)
+        elif not self.quiet:
             self.stream.write(f"{handle}: {outcome}\n")
             self.stream.flush()
 
-    def _draw(self) -> None:
-        width = max(len(h) for h in self.handles) if self.handles else 0
-        out = "\x1b[F" * self._drawn
-        for handle in self.handles:
-            out += f"\x1b[K{handle:<{width}}  {self.lines.get(handle, '')}"[:220] + "\n"
-        self.stream.write(out)
-        self.stream.flush()
-        self._drawn = len(self.handles)
-
     def close(self) -> None:
-        if self.is_tty and self.handles:
-            self._draw()
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

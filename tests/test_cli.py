@@ -119,5 +119,5 @@ def test_progress_bar_is_drawn_on_a_terminal(settings: Settings, upstream: Upstr
         [sys.executable, "-m", "hubd", "pull", f"https://tfhub.dev/{path}"], cli_env(settings)
     )
     assert code == 0
-    assert b"\r\x1b[K" in drawn and b"[####" in drawn and b"MiB/s" in drawn  # redrawn in place, with a rate
+    assert b"\r\x1b[2K" in drawn and "━".encode() in drawn and b"MB/s" in drawn  # redrawn in place, with a rate
     assert Path(stdout.decode().strip(), "saved_model.pb").is_file()  # and stdout still holds only the path

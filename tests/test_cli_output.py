@@ -1,0 +1,88 @@
+"""What `hubd` shows a person at a terminal: rich progress with rate and ETA, NO_COLOR, --quiet, results on
+their own lines, shell completion."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hubd.config import Settings
+from tests.conftest import Upstream, cli_env, run_on_terminal
+from tests.hosting import Behaviour
+
+SLOW = Behaviour(throttle_chunk=256 * 1024, throttle_delay=0.01)
+SGR = re.compile(rb"\x1b\[([0-9;]*)m")
+
+
+def pull(upstream: Upstream) -> list[str]:
+    return [sys.executable, "-m", "hubd", "pull", f"https://tfhub.dev/{upstream.publish('large_4mb', SLOW)}"]
+
+
+def run_all_on_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run `cmd` with stdout and stderr on one pseudo-terminal, as in a shell: (exit code, what it showed)."""
+    import pty
+
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return proc.wait(120), shown
+
+
+def test_the_bar_shows_rate_and_time_remaining(settings: Settings, upstream: Upstream) -> None:
+    code, drawn, stdout = run_on_terminal(pull(upstream), cli_env(settings))
+    assert code == 0
+    assert b"\r\x1b[2K" in drawn and "━".encode() in drawn  # redrawn in place
+    assert b"MiB" in drawn and re.search(rb"\d MB/s", drawn)  # bytes and rate
+    assert re.search(rb"\d:\d\d:\d\d", drawn)  # time remaining
+    assert Path(stdout.decode().strip(), "saved_model.pb").is_file()
+
+
+def test_the_printed_path_never_lands_on_the_bar_line(settings: Settings, upstream: Upstream) -> None:
+    code, shown = run_all_on_terminal(pull(upstream), cli_env(settings))
+    assert code == 0
+    lines = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", shown).replace(b"\r\n", b"\n").split(b"\n")
+    paths = [line for line in lines if str(settings.cache_dir).encode() + b"/objects/" in line]
+    assert len(paths) == 1 and paths[0].startswith(str(settings.cache_dir).encode()), shown[-500:]
+
+
+def test_no_color_draws_the_bar_without_colours(settings: Settings, upstream: Upstream) -> None:
+    code, drawn, _ = run_on_terminal(pull(upstream), {**cli_env(settings), "NO_COLOR": "1"})
+    assert code == 0 and "━".encode() in drawn
+    colours = [p for p in SGR.findall(drawn) if any(re.fullmatch(rb"3\d|4\d|9\d|10\d", x) for x in p.split(b";"))]
+    assert colours == []
+    _, coloured, _ = run_on_terminal(pull(upstream), cli_env(settings))
+    assert any(SGR.findall(coloured))
+
+
+def test_quiet_draws_no_progress(settings: Settings, upstream: Upstream) -> None:
+    code, drawn, stdout = run_on_terminal([*pull(upstream), "--quiet"], cli_env(settings))
+    assert code == 0
+    assert "━".encode() not in drawn and b"download" not in drawn
+    assert Path(stdout.decode().strip(), "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_scripts_name_every_command(shell: str) -> None:
+    script = subprocess.run(
+        [sys.executable, "-m", "hubd", "completion", shell], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("serve", "pull", "prefetch", "ls", "verify", "gc", "status", "rm", "config", "completion"):
+        assert command in script
+    if shutil.which(shell):
+        subprocess.run([shell, "-n"], input=script, text=True, check=True)  # it parses
