@@ -313,8 +313,9 @@ async def _load(socket_path: str, handles: list[str], unknown: str, seconds: flo
 
 
 def test_64_clients_mixing_requests_get_no_errors(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
-    """64 concurrent clients, cached and uncached handles, resolve/list/pull, for HUBD_LOAD_SECONDS (60)."""
-    seconds = float(os.environ.get("HUBD_LOAD_SECONDS", "60"))
+    """64 concurrent clients, cached and uncached handles, resolve/list/pull, for HUBD_LOAD_SECONDS (10; the
+    README's figure is a 60 s run). It asserts correctness only: throughput figures belong to bench/."""
+    seconds = float(os.environ.get("HUBD_LOAD_SECONDS", "10"))
     handles = [tfhub(upstream.publish(m)) for m in ("reusable", "text_embedding", "signature_only") * 4]
     daemon = start_daemon(settings, tmp_path)
     try:
@@ -324,7 +325,7 @@ def test_64_clients_mixing_requests_get_no_errors(settings: Settings, upstream: 
     print(f"\nreliability: load {seconds:.0f} s x 64 clients -> {dict(sorted(outcomes.items()))}")
     bad = {k: v for k, v in outcomes.items() if "error" in k or " 5" in k or "without" in k}
     assert bad == {}, outcomes
-    assert outcomes["unknown 404"] > 0 and outcomes["resolve 200"] > 1000, outcomes
+    assert outcomes["unknown 404"] > 0 and outcomes["resolve 200"] > 0, outcomes
     assert "unexpected error" not in daemon.log()
 
 
