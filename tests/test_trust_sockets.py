@@ -68,6 +68,24 @@ head, _, payload = data.partition(b"\r\n\r\n")
 print(json.dumps({"status": int(head.split()[1]), "body": payload.decode()}))
 """
 
+#: The same, for many POSTs in one process (one interpreter start-up as the user, not one per request).
+RAW_REQUESTS = r"""
+import json, socket, sys
+for route, body in json.loads(sys.argv[2]):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])
+    body = body.encode()
+    head = f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    print(json.dumps({"status": int(head.split()[1]), "body": payload.decode()}))
+"""
+ROUTES_TAKING_HANDLES = ("/v1/resolve", "/v1/pull", "/v1/verify")
+
 
 #: Runs Python code as another user with this interpreter and its packages, which may live where that user cannot
 #: read (a venv under /root): what the code needs is imported first, then the process drops to the user for good.
@@ -335,14 +353,14 @@ def test_local_paths_all_get_one_answer_whatever_exists(
                 ".",
                 "..",
             ]
-            answers = {}
-            for route in ("/v1/resolve", "/v1/pull", "/v1/verify"):
-                for probe in probes:
-                    body = json.dumps({"handle": probe})
-                    result = run_as(attacker, RAW_REQUEST, str(d.socket_path), "POST", route, body)
-                    assert result.returncode == 0, result.stderr
-                    answers[(route, probe)] = result.stdout
-            distinct = set(answers.values())
+            requests = [
+                (route, json.dumps({"handle": probe})) for route in ROUTES_TAKING_HANDLES for probe in probes
+            ]
+            result = run_as(attacker, RAW_REQUESTS, str(d.socket_path), json.dumps(requests))
+            assert result.returncode == 0, result.stderr
+            answers = result.stdout.splitlines()
+            assert len(answers) == len(requests)
+            distinct = set(answers)
             assert len(distinct) == 1, distinct
             reply = json.loads(distinct.pop())
             assert reply["status"] == 400 and json.loads(reply["body"])["error"]["code"] == "bad_handle"
