@@ -13,6 +13,7 @@ still the one opened and still an SQLite database.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,16 +31,55 @@ _ENTRY = "entry:"
 _NAME = "name:"
 _USED = "used:"
 _BUILT = "built"
+_FORMAT = "format"
+INDEX_FORMAT = 2
+"""The index's own format: 2 stores JSON values (_DataDisk); 1 (no marker) stored pickles. Another format
+than this one is thrown away and rebuilt from the files."""
 _FLUSH_SECONDS = 5.0
 _DB_FILE = "cache.db"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_BROKEN = (sqlite3.Error, OSError, diskcache.Timeout)
+_BROKEN = (sqlite3.Error, OSError, diskcache.Timeout)  # UnsafeIndexRow is an sqlite3.Error
 log = logging.getLogger("hubd.index")
 T = TypeVar("T")
 
 
 class IndexLost(OSError):
     """The database file was deleted, replaced or overwritten since it was opened."""
+
+
+class UnsafeIndexRow(sqlite3.DatabaseError):
+    """A row that is not plain data (a pickle, a value kept in a file): refused unread, the index is rebuilt."""
+
+
+class _DataDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache's storage with string keys and JSON values only: nothing in the database is ever unpickled.
+
+    diskcache's own disks (JSONDisk too) unpickle any row whose mode says pickle, so a database someone else
+    wrote would run their code in the daemon. This one writes every value as a JSON blob in the row and refuses
+    to read anything else (`UnsafeIndexRow`, which rebuilds the index from the files)."""
+
+    def put(self, key: object) -> tuple[object, bool]:
+        if not isinstance(key, str):
+            raise TypeError(f"index keys are strings, not {type(key).__name__}")
+        return key, True
+
+    def get(self, key: object, raw: bool) -> str:
+        if not raw or not isinstance(key, str):
+            raise UnsafeIndexRow("an index key that is not a plain string")
+        return key
+
+    def store(self, value: object, read: bool, key: object = diskcache.UNKNOWN) -> tuple[int, int, None, bytes]:
+        if read:
+            raise TypeError("the index stores JSON values, not files")
+        return 0, diskcache.core.MODE_BINARY, None, json.dumps(value).encode()
+
+    def fetch(self, mode: int, filename: object, value: object, read: bool) -> object:
+        if read or mode != diskcache.core.MODE_BINARY or filename is not None or not isinstance(value, bytes):
+            raise UnsafeIndexRow(f"an index value that is not inline JSON (mode {mode})")
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise UnsafeIndexRow("an index value that is not JSON") from None
 
 
 class Index:
@@ -53,13 +93,22 @@ class Index:
         self._flushed = time.monotonic()
 
     def _open(self) -> tuple[diskcache.Cache, tuple[int, int] | None]:
+        """Open the database; one in another format (an older hubd's pickles), or broken, is started afresh."""
         try:
-            cache = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**50)
-            cache.get(_BUILT)
+            cache = self._connect()
+            if cache.get(_FORMAT) == INDEX_FORMAT:
+                cache.get(_BUILT)
+                return cache, self._file_identity()
+            cache.close()
         except _BROKEN:
-            shutil.rmtree(self.path, ignore_errors=True)
-            cache = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**50)
+            pass
+        shutil.rmtree(self.path, ignore_errors=True)
+        cache = self._connect()
+        cache.set(_FORMAT, INDEX_FORMAT)
         return cache, self._file_identity()
+
+    def _connect(self) -> diskcache.Cache:
+        return diskcache.Cache(str(self.path), disk=_DataDisk, eviction_policy="none", size_limit=2**50)
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -130,6 +179,7 @@ class Index:
 
     def _rebuild(self) -> None:
         self._cache.clear()
+        self._cache.set(_FORMAT, INDEX_FORMAT)
         for meta in self.store.iter_meta():
             self._record(meta)
             self._cache.set(_USED + meta.digest, meta.fetched_at)

@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hubd_client.paths import cache_dir_problem, system_uids
+
+from hubd.errors import HubdError
 from hubd.tree import TreeManifest
 
 _CACHEDIR_TAG = (
@@ -65,6 +68,13 @@ def fault_point(step: str, when: str) -> None:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (HUBD_TEST_FAULT at {step})")
     if action == "kill" and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class UntrustedCache(HubdError):
+    """The cache directory, or one above it, could be changed by another user; or it cannot be made at all."""
+
+    code = "cache_untrusted"
+    http_status = 503
 
 
 @dataclass
@@ -145,7 +155,15 @@ class Store:
         self.pending = root / "pending"
 
     def ensure_layout(self) -> None:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.check_trusted()  # before anything is created or read: whoever made the directory owns its models
+        try:
+            self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UntrustedCache(
+                f"cannot create the cache directory {self.root}: {exc.strerror}",
+                "create it for the daemon's user, or choose another place with HUBD_CACHE_DIR",
+            ) from None
+        self.check_trusted()
         for public in (self.objects, self.meta_dir, self.refs, self.pins):
             public.mkdir(mode=0o755, exist_ok=True)
         for private in (self.staging, self.quarantine_dir, self.locks, self.pending):
@@ -157,6 +175,26 @@ class Store:
 
         open_layout(self)
         self.recover_pending()
+
+    def check_trusted(self) -> None:
+        """Refuse a cache that anyone but this process's user, root or `hubd` could change (`cache_dir_problem`).
+
+        A SavedModel is a program and the index is a database this process reads: whoever could create the
+        cache directory first, write to it or to a directory above it, could choose what every user loads."""
+        try:
+            problem = cache_dir_problem(self.root, {os.geteuid(), *system_uids()})
+        except OSError as exc:
+            raise UntrustedCache(
+                f"cannot check the cache directory {self.root}: {exc.strerror}",
+                "make it and every directory above it searchable by the daemon's user, or set HUBD_CACHE_DIR",
+            ) from None
+        if problem is not None:
+            raise UntrustedCache(
+                f"refusing the cache directory {self.root}: {problem}, so another user could choose the models "
+                "hubd serves",
+                f"if you did not make it that way, someone may be trying to plant models: have root remove "
+                f"{self.root}, or set HUBD_CACHE_DIR to a directory only the daemon's user (or root) can write",
+            )
 
     # -- staging -------------------------------------------------------------------------------------
 

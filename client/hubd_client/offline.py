@@ -34,6 +34,9 @@ def layout_version(root: Path) -> int:
 
 def lookup(handle: str) -> tuple[str | None, Path]:
     root = Path(os.environ.get("HUBD_CACHE_DIR") or _default_cache_dir())
+    if not os.path.isdir(root):
+        return None, root
+    _check_trusted(root)
     version = layout_version(root)
     if version not in LAYOUT_VERSIONS:
         raise HubdClientError(
@@ -58,6 +61,24 @@ def lookup(handle: str) -> tuple[str | None, Path]:
     if meta is None or quick_problems(tree, meta.get("manifest")):
         return None, root  # missing or damaged: never hand out a broken model
     return str(tree), root
+
+
+def _check_trusted(root: Path) -> None:
+    """Refuse a cache that anyone but root, `hubd`, this user (or HUBD_SOCKET_OWNER) could have written: its
+    refs say which program this process loads."""
+    from hubd_client.paths import cache_dir_problem, client_trusted_uids
+
+    try:
+        problem = cache_dir_problem(root, client_trusted_uids())
+    except OSError as exc:
+        problem = f"it cannot be checked ({exc.strerror})"
+    if problem is not None:
+        raise HubdClientError(
+            "cache_untrusted",
+            f"refusing the cache at {root}: {problem}, so another user could choose the model loaded from it",
+            "start the daemon, or point HUBD_CACHE_DIR at the cache hubd keeps (only root, hubd or you may be "
+            "able to write it)",
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -84,15 +84,65 @@ def socket_dir_problem(directory: Path, trusted: set[int], owner: int | None = N
     directory above it must be owned by a trusted uid and be writable by nobody else or sticky (like /tmp).
     Raises FileNotFoundError when the directory does not exist.
     """
-    real = Path(os.path.realpath(directory))
+    return _chain_problem(Path(os.path.realpath(directory)), trusted, owner, strict_first=True)
+
+
+def _chain_problem(real: Path, trusted: set[int], owner: int | None, strict_first: bool) -> str | None:
+    """socket_dir_problem's walk from `real` up to /; with `strict_first` False, `real` is judged like a parent
+    (sticky and writable by others is fine), as the nearest existing directory above one not made yet."""
     for index, current in enumerate([real, *real.parents]):
         info = os.stat(current)
-        allowed = {owner} if (index == 0 and owner is not None) else trusted
+        first = index == 0 and strict_first
+        allowed = {owner} if (first and owner is not None) else trusted
         if info.st_uid not in allowed:
             return f"{current} belongs to {describe_uid(info.st_uid)}"
         others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if others_write and (index == 0 or not info.st_mode & stat.S_ISVTX):
+        if others_write and (first or not info.st_mode & stat.S_ISVTX):
             return f"{current} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def _link_problem(path: Path, trusted: set[int]) -> str | None:
+    """A symbolic link on the way to `path` that someone else owns could be re-pointed after any check."""
+    absolute = Path(os.path.abspath(path))
+    for current in [absolute, *absolute.parents]:
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+            return f"{current} is a link that belongs to {describe_uid(info.st_uid)}"
+    return None
+
+
+def cache_dir_problem(root: Path, trusted: set[int]) -> str | None:
+    """Why someone outside `trusted` could change what the cache at `root` holds, or None when nobody can.
+
+    The same rule as for a socket's directory: the cache root and every directory in it (objects/, refs/,
+    index/ ...) must belong to a trusted uid and be writable by nobody else; every directory above the root must
+    belong to a trusted uid and be writable by nobody else or sticky (like /tmp). A root that does not exist yet
+    is judged by the nearest existing directory above it, as the directory it will be created in.
+    """
+    problem = _link_problem(root, trusted)
+    if problem is not None:
+        return problem
+    real = Path(os.path.realpath(root))
+    existing = real
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if existing != real:
+        return _chain_problem(existing, trusted, None, strict_first=False)
+    problem = _chain_problem(real, trusted, None, strict_first=True)
+    if problem is not None:
+        return problem
+    with os.scandir(real) as entries:
+        children = [Path(entry.path) for entry in entries]
+    for child in sorted(children):
+        info = os.lstat(child)
+        if info.st_uid not in trusted:
+            return f"{child} belongs to {describe_uid(info.st_uid)}"
+        if stat.S_ISDIR(info.st_mode) and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{child} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
     return None
 
 

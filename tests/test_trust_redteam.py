@@ -1,0 +1,181 @@
+"""What a red-team pass after issue #9 still broke, each attack performed by an unprivileged local user against a
+real daemon (or the client library), and shown to fail:
+
+1. a cache directory another user made first (or could write), and an index whose rows are pickles;
+2. a scheme-less tfhub.dev handle that exists as a directory under the current directory;
+5. hosts whose characters NFKC-normalise to '/', '#', '?' or '@';
+3. a download that fails its checks after its bytes arrived evicts nothing;
+4. a keyed plain-http mirror's responses are all signed, over the handle too;
+6. TCP connections cannot take the connection budget that socket users need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hubd.config import Settings
+from tests.conftest import Upstream
+from tests.daemon import start_daemon
+from tests.users import LocalUser, needs_root, shared_dir
+
+pytestmark = [needs_root]
+
+VICTIM_HANDLE = "https://tfhub.dev/google/victim/1"
+
+# Run as the attacker: a complete layout-v2 cache at argv[1] in which argv[2] names the attacker's model, and an
+# index (diskcache, SQLite) whose rows are pickles that would run `touch argv[3]` in whoever reads them.
+PLANT = r"""
+import hashlib, json, os, pickle, sqlite3, sys, time
+from hubd_client.handles import AnyHost, parse_handle
+
+root, handle, pwned = sys.argv[1:4]
+source = parse_handle(handle, AnyHost())
+data = b"EVIL: planted in a cache directory made first by " + os.environ["USER"].encode()
+record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+digest = hashlib.sha256(
+    b"hubd-tree-v2\n" + json.dumps(["f", "saved_model.pb", len(data), record["sha256"]]).encode() + b"\n"
+).hexdigest()
+for sub in ("objects/" + digest, "meta", "refs", "pins", "index"):
+    os.makedirs(f"{root}/{sub}", exist_ok=True)
+open(f"{root}/objects/{digest}/saved_model.pb", "wb").write(data)
+open(f"{root}/layout-version", "w").write("2\n")
+meta = {"digest": digest, "archive_sha256": "0" * 64, "size_bytes": len(data), "fetched_at": time.time(),
+        "names": [source.canonical], "manifest": {"files": {"saved_model.pb": record}, "symlinks": {}, "dirs": []}}
+json.dump(meta, open(f"{root}/meta/{digest}.json", "w"))
+json.dump({"canonical": source.canonical, "handle": handle, "digest": digest, "archive_sha256": "0" * 64,
+           "updated_at": time.time()}, open(f"{root}/refs/{source.ref_key}.json", "w"))
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {pwned}",))
+
+db = sqlite3.connect(f"{root}/index/cache.db")
+db.execute("CREATE TABLE IF NOT EXISTS Settings (key TEXT NOT NULL UNIQUE, value)")
+db.execute(
+    "CREATE TABLE IF NOT EXISTS Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, store_time REAL,"
+    " expire_time REAL, access_time REAL, access_count INTEGER DEFAULT 0, tag BLOB, size INTEGER DEFAULT 0,"
+    " mode INTEGER DEFAULT 0, filename TEXT, value BLOB)"
+)
+db.execute("CREATE UNIQUE INDEX IF NOT EXISTS Cache_key_raw ON Cache(key, raw)")
+for key in ("format", "built"):
+    db.execute(
+        "INSERT OR REPLACE INTO Cache (key, raw, store_time, access_time, mode, value) VALUES (?, 1, 0, 0, 4, ?)",
+        (key, pickle.dumps(Payload())),
+    )
+db.commit()
+db.close()
+for folder, dirs, files in os.walk(root):
+    os.chmod(folder, 0o755)
+    for name in files:
+        os.chmod(os.path.join(folder, name), 0o644)
+print(digest)
+"""
+
+
+def plant(attacker: LocalUser, root: Path, pwned: Path) -> str:
+    done = attacker.python(PLANT, str(root), VICTIM_HANDLE, str(pwned))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def serve_once(settings: Settings, workdir: Path) -> subprocess.CompletedProcess[str]:
+    """`hubd serve` as root on `settings.cache_dir`, expected to refuse: it must exit by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBD_", "NOTIFY_", "LISTEN_"))}
+    env.update(HUBD_CACHE_DIR=str(settings.cache_dir), HUBD_SOCKET=str(workdir / "hubd.sock"))
+    return subprocess.run(
+        [sys.executable, "-m", "hubd", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("hubd: error:")]
+    assert "(hint: " in line, line
+    return line
+
+
+# -- 1. who owns the cache --------------------------------------------------------------------------------------
+
+
+def test_daemon_refuses_a_cache_directory_another_user_made_first(
+    settings: Settings, attacker: LocalUser, tmp_path: Path
+) -> None:
+    with shared_dir(mode=0o1777) as public:  # like /tmp: anyone may create the daemon's cache directory first
+        cache, pwned = public / "cache", public / "pwned"
+        plant(attacker, cache, pwned)
+        before = sorted(str(p) for p in cache.rglob("*"))
+        result = serve_once(settings.model_copy(update={"cache_dir": cache}), tmp_path)
+        line = one_error_line(result)
+        assert f"{cache} belongs to {attacker.name}" in line
+        assert not pwned.exists()  # the index's pickles never ran
+        assert sorted(str(p) for p in cache.rglob("*")) == before  # refused before it touched anything
+
+
+@pytest.mark.parametrize("case", ["parent-writable", "subdir-writable"])
+def test_daemon_refuses_a_cache_another_user_could_write(
+    settings: Settings, attacker: LocalUser, tmp_path: Path, case: str
+) -> None:
+    with shared_dir(mode=0o777 if case == "parent-writable" else 0o755) as public:
+        cache = public / "cache"
+        (cache / "refs").mkdir(parents=True)
+        if case == "subdir-writable":
+            (cache / "refs").chmod(0o777)
+        # what the attacker can do there: put a ref in refs/, or move the cache aside and put their own there
+        attack = f"echo planted > {cache}/refs/x.json" if case == "subdir-writable" else f"mkdir {public}/cache2"
+        done = attacker.run(["/bin/sh", "-c", attack])
+        assert done.returncode == 0, done.stderr
+        line = one_error_line(serve_once(settings.model_copy(update={"cache_dir": cache}), tmp_path))
+        where = public if case == "parent-writable" else cache / "refs"
+        assert f"{where} is writable by others (mode 0777)" in line
+
+
+def test_an_index_of_pickles_is_never_unpickled(
+    settings: Settings, attacker: LocalUser, tmp_path: Path, upstream: Upstream
+) -> None:
+    """The attacker made the cache first; an admin took it over (chown root, no write for others). The index the
+    attacker left must be read as data, never as pickles: it is thrown away and rebuilt from the files."""
+    with shared_dir(mode=0o1777) as public:
+        cache, pwned = public / "cache", public / "pwned"
+        plant(attacker, cache, pwned)
+        subprocess.run(["chown", "-R", "root:root", str(cache)], check=True)
+        subprocess.run(["chmod", "-R", "go-w", str(cache)], check=True)
+        daemon = start_daemon(settings.model_copy(update={"cache_dir": cache}), tmp_path)
+        try:
+            models = daemon.request("GET", "/v1/models").json()["models"]
+            assert [m["handles"] for m in models] == [[VICTIM_HANDLE.removeprefix("https://")]], models
+            handle = f"https://tfhub.dev/{upstream.publish('reusable')}"
+            assert daemon.request("POST", "/v1/resolve", {"handle": handle}).status == 200
+        finally:
+            daemon.stop()
+        assert not pwned.exists()
+        assert "Traceback" not in daemon.log()
+
+
+# Run as the victim, with no daemon answering: the client's offline look-up in HUBD_CACHE_DIR.
+OFFLINE = r"""
+import json, sys, hubd_client
+from hubd_client.errors import HubdClientError
+try:
+    print(json.dumps({"path": hubd_client.resolve(sys.argv[1])}))
+except HubdClientError as exc:
+    print(json.dumps({"code": exc.code, "message": exc.message}))
+"""
+
+
+def test_offline_reader_refuses_a_cache_another_user_made(attacker: LocalUser, victim: LocalUser) -> None:
+    with shared_dir(mode=0o1777) as public:
+        cache = public / "cache"
+        digest = plant(attacker, cache, public / "pwned")
+        env = {"HUBD_CACHE_DIR": str(cache), "HUBD_SOCKET": str(victim.home / "no-daemon.sock")}
+        done = victim.python(OFFLINE, VICTIM_HANDLE, env=env)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert answer.get("code") == "cache_untrusted", answer
+        assert f"{cache} belongs to {attacker.name}" in answer["message"]
+        assert digest not in done.stdout
