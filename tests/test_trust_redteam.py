@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hubd_client.errors import BadHandle, DisallowedHost
+from hubd_client.handles import is_local, origin, parse_handle
 
 from hubd.config import Settings
 from tests.conftest import Upstream
 from tests.daemon import start_daemon
+from tests.test_trust_origins import ask_as, shared_daemon
 from tests.users import LocalUser, needs_root, shared_dir
 
 pytestmark = [needs_root]
@@ -179,3 +182,75 @@ def test_offline_reader_refuses_a_cache_another_user_made(attacker: LocalUser, v
         assert answer.get("code") == "cache_untrusted", answer
         assert f"{cache} belongs to {attacker.name}" in answer["message"]
         assert digest not in done.stdout
+
+
+# -- 2. a scheme-less hub handle is never a local directory ------------------------------------------------------
+
+SCHEME_LESS = r"""
+import json, os, sys, hubd_client
+from hubd_client.errors import HubdClientError
+os.chdir(sys.argv[1])
+try:
+    print(json.dumps({"path": hubd_client.resolve(sys.argv[2])}))
+except HubdClientError as exc:
+    print(json.dumps({"code": exc.code, "message": exc.message}))
+"""
+
+
+def test_a_scheme_less_hub_handle_never_loads_a_directory_in_the_cwd(
+    settings: Settings, upstream: Upstream, attacker: LocalUser, victim: LocalUser
+) -> None:
+    path = upstream.publish("reusable", path=f"google/nnlm-{os.getpid()}/2")
+    handle = f"tfhub.dev/{path}"
+    with shared_dir(mode=0o1777) as public:  # the victim works in a directory like /tmp
+        planted = attacker.run(
+            [
+                "/bin/sh",
+                "-c",
+                f"mkdir -p {public}/{handle} && echo EVIL > {public}/saved_model.pb "
+                f"&& chmod -R a+rX {public}/tfhub.dev",
+            ]
+        )
+        assert planted.returncode == 0, planted.stderr
+        assert not is_local(handle)
+        with shared_daemon(settings, victim) as daemon:
+            env = {"HUBD_SOCKET": str(daemon.socket_path), "HUBD_CACHE_DIR": str(victim.home / "none")}
+            done = victim.python(SCHEME_LESS, str(public), handle, env=env)
+            assert done.returncode == 0, done.stderr
+            answer = json.loads(done.stdout)
+            assert answer.get("path"), answer  # never "": loading "" loads the attacker's saved_model.pb
+            assert Path(answer["path"]).parent == daemon.socket_path.parent / "cache" / "objects"
+            assert (Path(answer["path"]) / "saved_model.pb").read_bytes() != b"EVIL\n"
+        without = victim.python(
+            SCHEME_LESS, str(public), handle, env={"HUBD_SOCKET": str(victim.home / "no.sock")}
+        )
+        assert json.loads(without.stdout).get("code") == "daemon_unavailable", without.stdout
+
+
+# -- 5. hosts that NFKC-normalise to URL delimiters ---------------------------------------------------------------
+
+WEIRD = [
+    "https://evil\uff0fx.googleusercontent.com/a/1",
+    "https://evil.com\uff03.googleusercontent.com/a/1",
+    "https://evil\uff1fx.example.com/a/1",
+    "https://user\uff20evil.example.com/a/1",
+    "https://[::1/a/1",
+]
+
+
+def test_hosts_that_normalise_to_delimiters_are_bad_handles(settings: Settings, attacker: LocalUser) -> None:
+    for handle in WEIRD:
+        with pytest.raises(BadHandle):
+            parse_handle(handle)
+        with pytest.raises(DisallowedHost):
+            origin(handle)
+    with shared_daemon(settings, attacker) as daemon:
+        for handle in WEIRD:
+            status, body = ask_as(attacker, daemon, "POST", "/v1/resolve", {"handle": handle})
+            assert (status, body["error"]["code"]) == (400, "bad_handle"), (handle, body)
+        env = {"HUBD_SOCKET": str(daemon.socket_path), "HUBD_CACHE_DIR": str(attacker.home / "none")}
+        for handle in WEIRD[:2]:  # the client library's resolve, through the daemon
+            done = attacker.python(SCHEME_LESS, str(attacker.home), handle, env=env)
+            assert done.returncode == 0, done.stderr  # no raw ValueError
+            assert json.loads(done.stdout).get("code") == "bad_handle", done.stdout
+        assert "Traceback" not in daemon.log()

@@ -92,17 +92,13 @@ def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Sourc
     raw = handle.strip()
     if not raw:
         raise BadHandle("empty handle", f"pass one of: {ACCEPTED_FORMS}")
-    if raw.startswith(("/", "./", "../", "~")) or raw.startswith("file://"):
+    if is_local(raw):
         return _local_source(raw)
     if "://" not in raw:
-        first = raw.split("/", 1)[0].lower()
-        if first in _TFHUB_HOSTS | _KAGGLE_HOSTS:
-            raw = "https://" + raw
-        elif _is_dir(raw):
-            return _local_source(raw)
-        else:
+        if not _names_hub_host(raw):
             raise BadHandle(f"not a model handle: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
-    parts = urlsplit(raw)
+        raw = "https://" + raw
+    parts = _split(raw, BadHandle, "not a model handle", f"pass one of: {ACCEPTED_FORMS}")
     _refuse_secrets(parts.netloc, parts.query, parts.fragment, raw)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
@@ -122,6 +118,30 @@ def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Sourc
     if host in _KAGGLE_HOSTS:
         return _kaggle_source(handle, segments)
     return _url_source(handle, scheme, parts.netloc.lower(), segments)
+
+
+def is_local(handle: str) -> bool:
+    """Whether `handle` names a local directory rather than a remote model: the one rule for the daemon and
+    the client alike. Absolute, ./, ../, ~ and file:// are local; a scheme-less name whose first segment is
+    tfhub.dev or kaggle.com is always a hub handle, even if a directory of that name exists under the current
+    directory (anyone may create one in /tmp); any other scheme-less name is local when it is a directory."""
+    raw = handle.strip()
+    if raw.startswith(("/", "./", "../", "~", "file://")):
+        return True
+    return "://" not in raw and not _names_hub_host(raw) and _is_dir(raw)
+
+
+def _names_hub_host(raw: str) -> bool:
+    return raw.split("/", 1)[0].lower() in _TFHUB_HOSTS | _KAGGLE_HOSTS
+
+
+def _split(url: str, error: type[BadHandle] | type[DisallowedHost], what: str, hint: str) -> SplitResult:
+    """urlsplit, with its ValueError (a bracket out of place; a host whose characters NFKC-normalise to '/',
+    '?', '#' or '@') turned into `error`."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise error(f"{what}: {url!r} ({exc})", hint) from None
 
 
 def _refuse_secrets(netloc: str, query: str, fragment: str, handle: str) -> None:
@@ -149,7 +169,7 @@ def _port(parts: SplitResult, url: str) -> int:
 
 def origin(url: str) -> Origin:
     """The (scheme, host, port) of `url`; DisallowedHost if it has none that hubd could use."""
-    parts = urlsplit(url)
+    parts = _split(url, DisallowedHost, "not a usable http(s) URL", "the upstream server is misconfigured")
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if scheme not in _DEFAULT_PORTS or not host:
         raise DisallowedHost(f"not a usable http(s) URL: {url!r}", "the upstream server is misconfigured")

@@ -6,18 +6,19 @@ import os
 
 from hubd_client import transport
 from hubd_client.errors import DaemonUnavailable, HubdClientError
-from hubd_client.handles import parse_handle
-
-_LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
+from hubd_client.handles import is_local, parse_handle
 
 
 def resolve(handle: str) -> str:
     """A local directory holding the SavedModel for `handle` (local paths are returned as they are)."""
     handle = os.fspath(handle)
-    if handle.startswith(_LOCAL_PREFIXES) or ("://" not in handle and os.path.isdir(handle)):
-        if not os.path.exists(os.path.expanduser(handle.removeprefix("file://"))):
+    if is_local(handle):  # parse_handle's own rule: a scheme-less tfhub.dev/... is never a local directory
+        if not os.path.exists(os.path.expanduser(handle.strip().removeprefix("file://"))):
             raise OSError(f"{handle} does not exist.")  # tensorflow_hub's error, word for word
-        return parse_handle(handle).local_path
+        path = parse_handle(handle).local_path
+        if not path:  # never "": loading "" loads whatever SavedModel is in the current directory
+            raise HubdClientError("bad_handle", f"{handle!r} is not a local directory", "pass a model directory")
+        return path
     try:
         # A pull's NDJSON stream rather than /v1/resolve: its first line comes at once and the daemon keeps it
         # alive while it fetches, so the client's short first-byte limit never cuts a long download short.
