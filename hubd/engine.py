@@ -445,6 +445,7 @@ class Engine:
                 manifest=manifest,
                 names=names,
             )
+            await room.admit(meta.size_bytes)  # every check passed: only now may the quota cost others models
             flight.emit("publish", 0, None)
             await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
             seconds = time.monotonic() - started
@@ -794,14 +795,16 @@ PREFETCH_YIELD = 0.5
 
 
 class _Room:
-    """Quota room for one download. Nothing is evicted for a size a server merely announces: a download that
-    cannot fit even once every evictable entry is gone is refused before its first byte, and entries are
-    evicted only as the download's own bytes arrive, just enough for them."""
+    """Quota room for one download. Nothing is evicted while a download runs: its bytes may yet fail a check
+    (checksum, structure, links, a ref conflict), and a failed request must cost nobody a model. A download that
+    cannot fit even once every evictable entry is gone is refused before its first byte, or stopped as soon as
+    its bytes show it; staging may exceed the quota meanwhile (bounded by that and by the free-disk check).
+    Entries are evicted only after the model passed every check and was published (`admit`, then `collect`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.room: int | None = None
-        """Bytes the download may still take without evicting anything."""
+        self.floor: int | None = None
+        """Bytes of pinned and recently used models, which no eviction may remove."""
 
     async def check(self, announced: int) -> None:
         engine, quota = self.engine, self.engine.settings.max_size
@@ -823,24 +826,25 @@ class _Room:
             )
 
     async def need(self, received: int) -> None:
+        """Stop a download whose bytes alone no longer fit besides what may not be evicted; evict nothing."""
+        await self._fits(received, "the download has reached")
+
+    async def admit(self, size: int) -> None:
+        """Before publishing a model that passed every check: refuse it (evicting nothing) if it cannot fit."""
+        await self._fits(size, "the model unpacks to")
+
+    async def _fits(self, size: int, what: str) -> None:
         quota = self.engine.settings.max_size
         if quota is None:
             return
-        if self.room is None:
-            self.room = quota - await asyncio.to_thread(self._cached_bytes)
-        if received <= self.room:
-            return
-        report = await asyncio.to_thread(collect, self.engine, quota - received, False, frozenset(), True, True)
-        self.room = quota - report.size_after
-        if not report.fits or received > self.room:
+        if self.floor is None or self.floor + size > quota:  # re-read only when it matters
+            self.floor = await asyncio.to_thread(unevictable_bytes, self.engine)
+        if self.floor + size > quota:
             raise QuotaExceeded(
-                f"the download has reached {human_bytes(received)}, more than the quota of {human_bytes(quota)} "
-                "can hold besides pinned and recently used models",
+                f"{what} {human_bytes(size)}, more than the quota of {human_bytes(quota)} can hold besides "
+                f"{human_bytes(self.floor)} of pinned and recently used models; nothing was evicted",
                 "an admin can raise the quota (--max-size / HUBD_MAX_SIZE) or unpin models",
             )
-
-    def _cached_bytes(self) -> int:
-        return sum(e.size_bytes for e in self.engine.list_entries() if e.state == "ok")
 
 
 def claim_signature(key: bytes, archive_sha256: str, tree_digest: str) -> str:

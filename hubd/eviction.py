@@ -1,9 +1,10 @@
 """Keeping the cache inside its quota: least recently used first, never a pin, never what is in use.
 
-It runs as a download's bytes arrive, when a quota is set: just enough to hold the bytes received so far (a
-model unpacks to at least its archive), and never for a size a server merely announced; a download that could
-not fit even once everything evictable is gone is refused before its first byte, evicting nothing. After
-publishing it runs once more with the model's real size.
+When a quota is set it runs only after a download has passed every check (checksum, structure, links, refs) and
+its model was published: a request that fails, for whatever reason, costs nobody a model. While the bytes
+arrive nothing is evicted; staging may exceed the quota meanwhile, bounded by the free-disk check and by the
+rule that a download which could not fit even once everything evictable is gone is refused before its first
+byte (or stopped as soon as its bytes show it), evicting nothing. So is a model that unpacks too large to fit.
 
 Rules, in order:
 - pinned entries (a manifest said `pin = true`) are never evicted;

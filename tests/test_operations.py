@@ -195,11 +195,16 @@ def test_quota_evicts_the_least_recently_used_first(quota_settings: Settings, up
     assert not Path(second.path).exists()
 
 
-def test_room_is_made_as_the_downloads_bytes_arrive(quota_settings: Settings, upstream: Upstream) -> None:
+def test_room_is_made_only_once_the_model_is_published(
+    quota_settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
     first = resolve(quota_settings, tfhub(upstream.publish("reusable")))
     second = resolve(quota_settings, tfhub(upstream.publish("text_embedding")))
     big = upstream.publish("large_4mb")
-    quota = first.size_bytes + second.size_bytes + len(upstream.models["large_4mb"]) - 1  # the archive won't fit
+    unpacked = resolve(
+        quota_settings.model_copy(update={"cache_dir": tmp_path / "scratch"}), tfhub(big)
+    ).size_bytes
+    quota = first.size_bytes + second.size_bytes + unpacked - 1  # the new model fits once one of them goes
     present: list[tuple[int, bool, bool]] = []
 
     def progress(phase: str, done: int, total: int | None) -> None:
@@ -210,12 +215,11 @@ def test_room_is_made_as_the_downloads_bytes_arrive(quota_settings: Settings, up
         await engine.resolve(tfhub(big), on_progress=progress)
 
     with_engine(quota_settings.model_copy(update={"max_size": quota}), body)
-    # Nothing went for the size the server announced: the least recently used went only once the bytes that
-    # arrived needed its room; the other stayed until the new model's real (unpacked, larger than its archive)
-    # size was known after publishing, and then went too.
+    # Nothing went while the bytes arrived (they could still have failed a check): both stayed until the new
+    # model had passed every check and was published; then the least recently used went, just enough for it.
     assert present[0][1:] == (True, True) and present[0][0] < len(upstream.models["large_4mb"])
-    assert present[-1] == (len(upstream.models["large_4mb"]), False, True)
-    assert not Path(second.path).exists()
+    assert present[-1] == (len(upstream.models["large_4mb"]), True, True)
+    assert not Path(first.path).exists() and Path(second.path).exists()
 
 
 def test_pinned_entries_are_never_evicted(quota_settings: Settings, upstream: Upstream) -> None:

@@ -24,6 +24,7 @@ from hubd_client.handles import is_local, origin, parse_handle
 from hubd.config import Settings
 from tests.conftest import Upstream
 from tests.daemon import start_daemon
+from tests.test_engine import resolve
 from tests.test_trust_origins import ask_as, shared_daemon
 from tests.users import LocalUser, needs_root, shared_dir
 
@@ -254,3 +255,29 @@ def test_hosts_that_normalise_to_delimiters_are_bad_handles(settings: Settings, 
             assert done.returncode == 0, done.stderr  # no raw ValueError
             assert json.loads(done.stdout).get("code") == "bad_handle", done.stdout
         assert "Traceback" not in daemon.log()
+
+
+# -- 3. a request that fails evicts nothing ---------------------------------------------------------------------
+
+
+def test_a_pin_that_can_never_match_evicts_nothing(
+    settings: Settings, upstream: Upstream, attacker: LocalUser, tmp_path: Path
+) -> None:
+    """The attacker asks for a large model with a sha256 that can never match: it downloads in full, then fails
+    409. Before, its bytes evicted the victims' models as they arrived; now nothing is evicted before publish."""
+    victims = [upstream.publish(m) for m in ("reusable", "text_embedding")]
+    scratch = settings.model_copy(update={"cache_dir": tmp_path / "scratch"})
+    used = sum(resolve(scratch, f"https://tfhub.dev/{v}").size_bytes for v in victims)
+    big = upstream.publish("large_4mb")
+    quota = len(upstream.models["large_4mb"]) + used // 2  # its archive fits only if a victim goes
+    with shared_daemon(settings, attacker, "--max-size", str(quota), env={"HUBD_GC_GRACE": "0"}) as daemon:
+        entries = [
+            daemon.request("POST", "/v1/resolve", {"handle": f"https://tfhub.dev/{v}"}).json() for v in victims
+        ]
+        body = {"handle": f"https://tfhub.dev/{big}", "sha256": "0" * 64}
+        status, error = ask_as(attacker, daemon, "POST", "/v1/resolve", body)
+        assert (status, error["error"]["code"]) == (409, "checksum_mismatch"), error
+        assert upstream.bytes_sent(big) == len(upstream.models["large_4mb"])  # it was downloaded in full
+        for entry in entries:
+            assert daemon.request("GET", f"/v1/models/{entry['id']}").status == 200
+            assert Path(entry["path"]).is_dir()
