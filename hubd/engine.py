@@ -44,7 +44,7 @@ from hubd.errors import (
 )
 from hubd.eviction import GcReport, QuotaExceeded, collect, gc_lock, unevictable_bytes
 from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
-from hubd.fetch import Download, FetchResult, ProgressCallback, ResumeSpool, make_session
+from hubd.fetch import Download, FetchResult, MirrorUnsigned, ProgressCallback, ResumeSpool, make_session
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
@@ -422,7 +422,7 @@ class Engine:
                 result.size - result.replayed
             )
             flight.emit("verify", 0, None)
-            archive_sha256 = self._archive_sha256(result, manifest.digest())
+            archive_sha256 = self._archive_sha256(source, url, result, manifest.digest())
             if sha256 and archive_sha256 != sha256:
                 raise self._pin_mismatch(source, result, archive_sha256, sha256)
             problems = structural_problems(staging.tree)
@@ -542,24 +542,53 @@ class Engine:
         tree = self.store.object_path(digest)
         return meta is not None and tree.is_dir() and not quick_problems(tree, meta.manifest)
 
-    def _archive_sha256(self, result: FetchResult, tree_digest: str) -> str:
+    def _archive_sha256(self, source: Source, url: str, result: FetchResult, tree_digest: str) -> str:
         """The upstream archive's sha256: the bytes hubd hashed itself, unless a trusted mirror vouches otherwise.
 
         A hubd LAN mirror re-packs trees, so its bytes hash differently; it states which archive the tree came
         from. That statement is believed only from the configured mirror's own origin, only when the tree that
         arrived is exactly the tree it named, and only when it cannot have been forged on the way: the mirror
-        is reached over https, or it signed the statement with the shared mirror key."""
+        is reached over https, or it signed the statement with the shared mirror key.
+
+        With a shared key every answer from the mirror must be signed, over the handle it is for too: unsigned,
+        or signed for another handle or tree, it is refused (`MirrorUnsigned`) and nothing of it is kept. A hubd
+        that is itself a LAN mirror (--mirror-listen) signs with the key; its own HUBD_MIRROR may be a plain
+        hosting server, which signs nothing, so there a signature is believed but not required."""
         claim = result.hubd_claim
+        if self.mirror_key is not None and not self.settings.mirror_listen and self._from_mirror(url):
+            return self._signed_claim(source, result, tree_digest)
         if claim is None or claim[1] != tree_digest or not self._from_mirror(result.final_url):
             return result.sha256
         assert self.settings.mirror is not None
         if self.settings.mirror.startswith("https://"):
             return claim[0]
-        if self.mirror_key is not None and hmac.compare_digest(
-            claim_signature(self.mirror_key, *claim), result.hubd_claim_signature
+        if self.mirror_key is not None and signature_matches(
+            self.mirror_key, source.canonical, *claim, result.hubd_claim_signature
         ):
             return claim[0]
         return result.sha256
+
+    def _signed_claim(self, source: Source, result: FetchResult, tree_digest: str) -> str:
+        assert self.mirror_key is not None
+        claim = result.hubd_claim
+        why = ""
+        if claim is None or not result.hubd_claim_signature:
+            why = "carries no signed statement (X-Hubd-Claim-Signature)"
+        elif not self._from_mirror(result.final_url):
+            why = f"redirected to {result.final_url}"
+        elif not signature_matches(self.mirror_key, source.canonical, *claim, result.hubd_claim_signature):
+            why = "carries a signature that is not the shared key's for this handle and archive"
+        elif claim[1] != tree_digest:
+            why = f"is signed for tree {claim[1][:12]}, but tree {tree_digest[:12]} arrived"
+        if why:
+            raise MirrorUnsigned(
+                f"the mirror's answer for {source.handle} {why}, so anyone on the network could have made it; "
+                "nothing of it was kept",
+                "both hubds need the same HUBD_MIRROR_KEY_FILE; if they have it, something between them is "
+                "rewriting the mirror's answers",
+            )
+        assert claim is not None
+        return claim[0]
 
     def _from_mirror(self, url: str) -> bool:
         mirror = self.settings.mirror
@@ -847,9 +876,16 @@ class _Room:
             )
 
 
-def claim_signature(key: bytes, archive_sha256: str, tree_digest: str) -> str:
-    """The HMAC a hubd LAN mirror sends (X-Hubd-Claim-Signature) for "this tree came from that archive"."""
-    return hmac.new(key, f"hubd-claim:{archive_sha256}:{tree_digest}".encode(), hashlib.sha256).hexdigest()
+def claim_signature(key: bytes, canonical: str, archive_sha256: str, tree_digest: str) -> str:
+    """The HMAC a hubd LAN mirror sends (X-Hubd-Claim-Signature) for "for this handle, this tree came from that
+    archive": bound to the handle's canonical name, so one model's signed answer cannot be replayed for another."""
+    statement = f"hubd-claim-v2\n{canonical}\n{archive_sha256}\n{tree_digest}"
+    return hmac.new(key, statement.encode(), hashlib.sha256).hexdigest()
+
+
+def signature_matches(key: bytes, canonical: str, archive_sha256: str, tree_digest: str, signature: str) -> bool:
+    expected = claim_signature(key, canonical, archive_sha256, tree_digest).encode()
+    return hmac.compare_digest(expected, signature.encode("utf-8", "surrogateescape"))
 
 
 def _read_mirror_key(path: Path | None) -> bytes | None:

@@ -281,3 +281,93 @@ def test_a_pin_that_can_never_match_evicts_nothing(
         for entry in entries:
             assert daemon.request("GET", f"/v1/models/{entry['id']}").status == 200
             assert Path(entry["path"]).is_dir()
+
+
+# -- 4. a keyed plain-http mirror: every answer signed, for its own handle ----------------------------------------
+
+# Run as the attacker: a man in the middle between a hubd and its keyed plain-http mirror. For argv[2] it replays
+# the mirror's (signed) answer for argv[3]; for argv[4] it answers with its own archive argv[5], unsigned; the
+# rest it passes through. Prints its port.
+MITM = r"""
+import http.server, sys, urllib.request
+
+mirror, swap_from, swap_to, forge, forged = sys.argv[1:6]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path.strip("/") == forge:
+            data, headers = open(forged, "rb").read(), {}
+        else:
+            if path.strip("/") == swap_from:
+                path = "/" + swap_to
+            with urllib.request.urlopen(mirror + path + "?" + query) as reply:
+                data, headers = reply.read(), {k: v for k, v in reply.headers.items() if k.startswith("X-Hubd")}
+        self.send_response(200)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_keyed_mirrors_answers_cannot_be_forged_or_replayed(
+    settings: Settings, upstream: Upstream, attacker: LocalUser, victim: LocalUser, tmp_path: Path
+) -> None:
+    key = tmp_path / "mirror.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    keyed = {"HUBD_MIRROR_KEY_FILE": str(key)}
+    wanted, other, honest = (upstream.publish(m) for m in ("reusable", "text_embedding", "reusable"))
+    forge = f"google/forged{os.getpid()}/1"
+    (tmp_path / "m").mkdir()
+    mirror = start_daemon(
+        settings.model_copy(update={"cache_dir": tmp_path / "m" / "cache"}),
+        tmp_path / "m",
+        "--mirror-listen",
+        "127.0.0.1:0",
+        env_extra=keyed,
+    )
+    try:
+        with shared_dir() as workdir:
+            forged = workdir / "forged.tar.gz"
+            forged.write_bytes(upstream.models["text_embedding"])
+            forged.chmod(0o644)
+            mitm = subprocess.Popen(
+                ["/usr/bin/python3", "-c", MITM, mirror.mirrors[0], wanted, other, forge, str(forged)],
+                user=attacker.uid,
+                group=attacker.gid,
+                extra_groups=[],
+                env={"PATH": "/usr/bin:/bin", "HOME": str(attacker.home), "LANG": "C.UTF-8"},
+                cwd=attacker.home,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert mitm.stdout is not None
+                port = int(mitm.stdout.readline())
+                lan = settings.model_copy(update={"mirror": f"http://127.0.0.1:{port}"})
+                with shared_daemon(lan, victim, env=keyed) as daemon:
+                    for path in (wanted, forge):  # a replayed signed answer, and an unsigned one
+                        status, error = ask_as(
+                            victim, daemon, "POST", "/v1/resolve", {"handle": f"https://tfhub.dev/{path}"}
+                        )
+                        assert (status, error["error"]["code"]) == (502, "mirror_unsigned"), error
+                    assert daemon.request("GET", "/v1/models").json()["models"] == []  # nothing was published
+                    status, entry = ask_as(
+                        victim, daemon, "POST", "/v1/resolve", {"handle": f"https://tfhub.dev/{honest}"}
+                    )
+                    assert status == 200, entry  # what the mirror really said for the handle passes unchanged
+            finally:
+                mitm.kill()
+                mitm.wait()
+    finally:
+        mirror.stop()

@@ -7,8 +7,10 @@ barely compress). Another hubd with `--mirror http://this-host:PORT` then fetche
 
 The re-packed bytes hash differently from the original archive, so the mirror states which archive the tree
 came from (X-Hubd-Archive-Sha256, X-Hubd-Tree-Digest). Over plain http anyone on the way could rewrite that, so
-with a shared key (HUBD_MIRROR_KEY_FILE, the same file on both hubds) it also sends an HMAC of the statement
-(X-Hubd-Claim-Signature); the receiving hubd believes the statement only when signed, or over https.
+with a shared key (HUBD_MIRROR_KEY_FILE, the same file on both hubds) it also sends an HMAC of the statement and
+the handle's canonical name (X-Hubd-Claim-Signature); a receiving hubd with the key refuses any answer without a
+valid one (502 mirror_unsigned), so nobody on the way can forge an answer or replay one model's for another.
+Without a key the statement is believed only over https.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from aiohttp import web
-from hubd_client.handles import handle_from_mirror_path
+from hubd_client.handles import handle_from_mirror_path, parse_handle
 from isal import igzip
 
 from hubd.engine import Engine, claim_signature
@@ -83,8 +85,8 @@ async def serve_archive(request: web.Request) -> web.StreamResponse:
         "X-Hubd-Archive-Sha256": entry.archive_sha256,
     }
     if engine.mirror_key is not None:
-        headers["X-Hubd-Claim-Signature"] = claim_signature(
-            engine.mirror_key, entry.archive_sha256, entry.tree_digest
+        headers["X-Hubd-Claim-Signature"] = claim_signature(  # bound to the handle: no replay for another
+            engine.mirror_key, parse_handle(handle).canonical, entry.archive_sha256, entry.tree_digest
         )
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
