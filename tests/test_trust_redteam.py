@@ -371,3 +371,53 @@ def test_a_keyed_mirrors_answers_cannot_be_forged_or_replayed(
                 mitm.wait()
     finally:
         mirror.stop()
+
+
+# -- 6. TCP clients cannot lock socket users out ---------------------------------------------------------------
+
+# Run as the attacker: open argv[3] keep-alive connections to the daemon's loopback TCP listener, one request on
+# each (so each is surely admitted or refused), print how many got in, then hold them until stdin closes.
+HOLD_TCP = r"""
+import http.client, sys
+held, refused = [], 0
+for _ in range(int(sys.argv[3])):
+    conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=60)
+    conn.request("GET", "/v1/health")
+    reply = conn.getresponse()
+    reply.read()
+    if reply.status == 200:
+        held.append(conn)
+    else:
+        refused += 1
+print(len(held), refused, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_tcp_clients_cannot_take_the_connections_socket_users_need(
+    settings: Settings, attacker: LocalUser, victim: LocalUser
+) -> None:
+    limit = 8
+    env = {"HUBD_MAX_CONNECTIONS": str(limit), "HUBD_IDLE_TIMEOUT": "120", "HUBD_HEADER_TIMEOUT": "60"}
+    with shared_daemon(settings, victim, "--listen", "127.0.0.1:0", env=env) as daemon:
+        host, port = daemon.tcp[0].removeprefix("http://").rsplit(":", 1)
+        holder = subprocess.Popen(
+            ["/usr/bin/python3", "-c", HOLD_TCP, host, port, str(limit)],
+            user=attacker.uid,
+            group=attacker.gid,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(attacker.home), "LANG": "C.UTF-8"},
+            cwd=attacker.home,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            held, refused = map(int, holder.stdout.readline().split())
+            assert (held, refused) == (limit // 2, limit - limit // 2)  # TCP gets its share, no more
+            for _ in range(limit - held - 1):  # the socket's users still have all the rest
+                status, body = ask_as(victim, daemon, "GET", "/v1/health")
+                assert status == 200, body
+        finally:
+            holder.communicate(timeout=30)  # closes its stdin: it lets go

@@ -1,8 +1,10 @@
 """Bounds on the API's connections, so one user (or a broken client) cannot hold the daemon for everyone.
 
 - At most `max_connections` open at once, and `max_connections_per_user` per uid on the Unix socket (the kernel's
-  SO_PEERCRED; root and the daemon's own user are held only to the global bound, TCP clients have no uid). Beyond
-  either, a connection gets a one-line 503 and is closed at once, so it costs a descriptor for microseconds.
+  SO_PEERCRED; root and the daemon's own user are held only to the global bound). TCP clients have no uid, so
+  together they get a share of the global bound (`max_tcp`, half by default): one user on loopback TCP can never
+  take the room socket users need. Beyond any of these, a connection gets a one-line 503 and is closed at once,
+  so it costs a descriptor for microseconds.
 - A request's line and headers must arrive within `header_timeout` of connecting (408, then closed); aiohttp's
   keep-alive timer (`idle_timeout`) closes idle connections, and with it one that sends a partial request later.
 - Out of file descriptors (EMFILE/ENFILE) on accept: stop accepting, retry after a back-off (connections wait
@@ -36,6 +38,10 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _REFUSED_HINT = "close idle connections, or reuse one (HTTP keep-alive)"
 
 
+def _is_tcp(sock: Any) -> bool:
+    return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
 def _peer_uid(sock: Any) -> int | None:
     """The connecting process's uid on a Unix socket (SO_PEERCRED); None over TCP."""
     if sock.family != socket.AF_UNIX:
@@ -58,24 +64,36 @@ def _raw_error(status: int, reason: str, code: str, message: str, hint: str) -> 
 class ConnectionLimits:
     """Counts open connections (in all, and per uid) and admits or refuses new ones."""
 
-    def __init__(self, max_connections: int, max_per_user: int, header_timeout: float) -> None:
+    def __init__(
+        self, max_connections: int, max_per_user: int, header_timeout: float, max_tcp: int | None = None
+    ) -> None:
         self.max_connections = max_connections
         self.max_per_user = max_per_user
         self.header_timeout = header_timeout
+        self.max_tcp = max_tcp if max_tcp is not None else max(1, max_connections // 2)
+        """TCP connections (no uid, so no per-user bound) together; the rest is kept for the Unix socket."""
         self.open = 0
+        self.tcp_open = 0
         self.by_uid: collections.Counter[int] = collections.Counter()
         self.refused = 0
         self.timed_out = 0
         self._unlimited_uids = {0, os.geteuid()}
         self.resource_log = ResourceErrorLog()
 
-    def admit(self, uid: int | None) -> str | None:
+    def admit(self, uid: int | None, tcp: bool = False) -> str | None:
         """None when the connection may stay; else why not."""
         if self.open >= self.max_connections:
             return f"the daemon has {self.open} connections open, its limit (HUBD_MAX_CONNECTIONS)"
+        if tcp and self.tcp_open >= self.max_tcp:
+            return (
+                f"{self.tcp_open} TCP connections are open, the most TCP clients may hold together (the rest of "
+                "HUBD_MAX_CONNECTIONS is kept for the Unix socket)"
+            )
         if uid is not None and uid not in self._unlimited_uids and self.by_uid[uid] >= self.max_per_user:
             return f"uid {uid} has {self.by_uid[uid]} connections open, the limit per user"
         self.open += 1
+        if tcp:
+            self.tcp_open += 1
         if uid is not None:
             self.by_uid[uid] += 1
         return None
@@ -83,10 +101,10 @@ class ConnectionLimits:
     def admit_socket(self, conn: socket.socket) -> bool:
         """Admit a just-accepted connection, or refuse it there and then: a short 503 and close, costing no
         transport and no task, so a flood of refused connections is cheap to drain."""
-        uid = _peer_uid(conn)
-        refusal = self.admit(uid)
+        uid, tcp = _peer_uid(conn), _is_tcp(conn)
+        refusal = self.admit(uid, tcp)
         if refusal is None:
-            self.release(uid)  # counted again, for good, by its protocol (`_Bounded.connection_made`)
+            self.release(uid, tcp)  # counted again, for good, by its protocol (`_Bounded.connection_made`)
             return True
         self.refused += 1
         with contextlib.suppress(OSError):
@@ -95,8 +113,10 @@ class ConnectionLimits:
         conn.close()
         return False
 
-    def release(self, uid: int | None) -> None:
+    def release(self, uid: int | None, tcp: bool = False) -> None:
         self.open -= 1
+        if tcp:
+            self.tcp_open -= 1
         if uid is not None:
             self.by_uid[uid] -= 1
             if self.by_uid[uid] <= 0:
@@ -197,6 +217,7 @@ class _Bounded(asyncio.Protocol):
         self._inner: RequestHandler | None = None
         self._transport: asyncio.Transport | None = None
         self._uid: int | None = None
+        self._tcp = False
         self._admitted = False
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""
@@ -206,7 +227,8 @@ class _Bounded(asyncio.Protocol):
         self._transport = transport
         sock = transport.get_extra_info("socket")
         self._uid = _peer_uid(sock) if sock is not None else None
-        refusal = self._limits.admit(self._uid)
+        self._tcp = _is_tcp(sock)
+        refusal = self._limits.admit(self._uid, self._tcp)
         if refusal is not None:  # only when others were admitted since `admit_socket` checked
             self._limits.refused += 1
             transport.write(_raw_error(503, "Service Unavailable", "too_many_connections", refusal, _REFUSED_HINT))
@@ -257,7 +279,7 @@ class _Bounded(asyncio.Protocol):
             self._deadline = None
         if self._admitted:
             self._admitted = False
-            self._limits.release(self._uid)
+            self._limits.release(self._uid, self._tcp)
         if self._inner is not None:
             self._inner.connection_lost(exc)
 

@@ -179,8 +179,11 @@ class Daemon:
         self.limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_user, settings.header_timeout
         )
-        self.mirror_limits = ConnectionLimits(
-            settings.max_connections, settings.max_connections_per_user, settings.header_timeout
+        self.mirror_limits = ConnectionLimits(  # the LAN's own listener: every client is TCP there
+            settings.max_connections,
+            settings.max_connections_per_user,
+            settings.header_timeout,
+            max_tcp=settings.max_connections,
         )
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
