@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-host", action="append", dest="http_hosts", help="allow plain http to this host (repeatable)"
     )
     common.add_argument("--socket", help="the daemon's Unix socket (env HUBD_SOCKET)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines on stderr")
     common.add_argument(
         "--token-file", help="admin token: serve checks it, commands send it over TCP (env HUBD_TOKEN_FILE)"
     )
