@@ -165,6 +165,10 @@ class DaemonClient:
         query = "?force=1" if force else ""
         return Entry.model_validate(await self._json("DELETE", f"/v1/models/{model_id}{query}"))
 
+    async def unpin(self, model_id: str) -> list[str]:
+        """What pinned it (empty when nothing did)."""
+        return list((await self._json("DELETE", f"/v1/models/{model_id}/pin"))["unpinned"])
+
     async def audit(self, query: dict[str, str]) -> list[dict[str, Any]]:
         path = "/v1/audit" + (f"?{urlencode(query)}" if query else "")
         return list((await self._json("GET", path))["records"])

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--force", action="store_true", help="remove it even when a manifest pins it")
     rm.set_defaults(run=_rm)
 
+    unpin = commands.add_parser("unpin", parents=[common], help="let eviction remove a pinned model again")
+    unpin.add_argument("handle", help="a handle, alias or id")
+    unpin.set_defaults(run=_unpin)
+
     export = commands.add_parser(
         "export", parents=[common], help="write models into one bundle file, for a machine without network"
     )
@@ -412,20 +416,45 @@ def _rm(args: argparse.Namespace) -> int:
         return 0
 
     async def via_daemon(client: DaemonClient) -> int:
-        if _ID_PREFIX.fullmatch(args.handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
-            return report(await client.remove(args.handle, args.force))
-        entries = await client.entries()
-        for entry in entries:
-            if args.handle in entry.aliases:
-                return report(await client.remove(entry.id, args.force))
-        canonical = parse_handle(args.handle, frozenset(client.settings.http_hosts)).canonical
-        for entry in entries:
-            if canonical in entry.handles:
-                return report(await client.remove(entry.id, args.force))
-        raise UnknownModel(f"no cached model matches {args.handle!r}", "see `hubd ls` for what is cached")
+        return report(await client.remove(await _model_id(client, args.handle), args.force))
 
     async def in_process(engine: Engine) -> int:
         return report(engine.remove(args.handle, uid=os.getuid(), force=args.force))
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
+async def _model_id(client: DaemonClient, handle: str) -> str:
+    """The id the daemon knows a handle, alias or id (prefix) by."""
+    if _ID_PREFIX.fullmatch(handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
+        return handle
+    entries = await client.entries()
+    for entry in entries:
+        if handle in entry.aliases:
+            return entry.id
+    canonical = parse_handle(handle, frozenset(client.settings.http_hosts)).canonical
+    for entry in entries:
+        if canonical in entry.handles:
+            return entry.id
+    raise UnknownModel(f"no cached model matches {handle!r}", "see `hubd ls` for what is cached")
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    def report(names: list[str]) -> int:
+        if not names:
+            print(f"{args.handle} was not pinned")
+            return 0
+        print(f"unpinned {args.handle} (was pinned by {'; '.join(names)})")
+        print(
+            "a manifest the daemon watches pins it again when it changes or the daemon restarts", file=sys.stderr
+        )
+        return 0
+
+    async def via_daemon(client: DaemonClient) -> int:
+        return report(await client.unpin(await _model_id(client, args.handle)))
+
+    async def in_process(engine: Engine) -> int:
+        return report(engine.unpin(engine.find(args.handle).digest, os.getuid()))
 
     return asyncio.run(_run(args, via_daemon, in_process))
 

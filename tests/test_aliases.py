@@ -124,3 +124,27 @@ def test_rm_of_a_pinned_model_needs_force_and_names_the_manifest(
         forced = rm("reuse128", "--force")
         assert forced.returncode == 0, forced.stderr
         assert d.request("GET", "/v1/models").json()["models"] == []
+
+
+def test_unpin_names_what_pinned_it_and_lets_rm_go_without_force(
+    settings: Settings, upstream: Upstream, victim: LocalUser, tmp_path: Path
+) -> None:
+    path = upstream.publish("reusable")
+    course = manifest(
+        tmp_path, "course.toml", f'[[model]]\nhandle = "{tfhub(path)}"\nname = "reuse128"\npin = true\n'
+    )
+    with workstation(settings, victim) as d:
+        assert prefetch(d, settings, course).returncode == 0
+        assert cli_as(victim, d, "unpin", "reuse128").returncode == 1  # admins only
+        env = {**cli_env(settings), "HUBD_SOCKET": str(d.socket_path)}
+        unpinned = subprocess.run(
+            [sys.executable, "-m", "hubd", "unpin", "reuse128"], env=env, capture_output=True, text=True
+        )
+        assert unpinned.returncode == 0, unpinned.stderr
+        assert str(course) in unpinned.stdout
+        removed = subprocess.run(
+            [sys.executable, "-m", "hubd", "rm", "reuse128"], env=env, capture_output=True, text=True
+        )
+        assert removed.returncode == 0, removed.stderr
+        trail = [(r["action"], r["uid"]) for r in d.request("GET", "/v1/audit").json()["records"]]
+        assert trail[-2:] == [("unpin", 0), ("delete", 0)]

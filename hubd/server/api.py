@@ -87,6 +87,11 @@ class Status(_Strict):
     users: list[UserUsage] = []
 
 
+class Unpinned(_Strict):
+    id: str
+    unpinned: list[str] = Field(description="What pinned the model (manifests and names); empty when nothing did.")
+
+
 class AuditList(_Strict):
     records: list[AuditRecord]
 

@@ -95,6 +95,7 @@ def openapi_document() -> dict[str, Any]:
         api.GcResponse,
         api.Status,
         api.AuditList,
+        api.Unpinned,
         Entry,
     ]
     _, schema = models_json_schema(
@@ -147,6 +148,13 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [model_id],
                 "responses": responses(json_ok("Entry")),
             },
+        },
+        "/v1/models/{id}/pin": {
+            "delete": {
+                "operationId": "unpinModel",
+                "parameters": [model_id],
+                "responses": responses(json_ok("Unpinned")),
+            }
         },
         "/v1/verify": {
             "post": {

@@ -33,6 +33,7 @@ from hubd.server.api import (
     PullRequest,
     ResolveRequest,
     Status,
+    Unpinned,
     Upstream,
     UserUsage,
     VerifyRequest,
@@ -275,6 +276,16 @@ def _remove_exclusively(engine: Engine, model_id: str, uid: int | None, force: b
         return engine.remove(model_id, uid=uid, force=force)
 
 
+async def unpin(request: web.Request) -> web.Response:
+    """Let eviction remove a pinned model again (admins; recorded in the audit trail)."""
+    model_id = _model_id(request)
+    request.app[ADMIN].check(request)
+    engine = _engine(request)
+    digest = engine.find(model_id).digest
+    names = await asyncio.to_thread(engine.unpin, digest, _uid(request))
+    return json_response(Unpinned(id=digest, unpinned=names))
+
+
 async def gc(request: web.Request) -> web.Response:
     request.app[ADMIN].check(request)
     body = await parse_body(request, GcRequest)
@@ -476,6 +487,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{id}", get_model)
     app.router.add_delete("/v1/models/{id}", delete_model)
+    app.router.add_delete("/v1/models/{id}/pin", unpin)
     app.router.add_post("/v1/verify", verify)
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_post("/v1/gc", gc)
