@@ -77,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", parents=[common], help="fetch a model if needed and print its path")
     pull.add_argument("handle")
     pull.add_argument("--sha256", help="expected sha256 of the archive; a mismatch is an error")
+    pull.add_argument("--json", action="store_true", help="NDJSON on stdout: progress events, then the result")
     pull.set_defaults(run=_pull)
 
     prefetch = commands.add_parser("prefetch", parents=[common], help="fetch every model of a manifest")
     prefetch.add_argument("manifest_file", type=Path, metavar="MANIFEST", help="TOML or JSON manifest")
     prefetch.add_argument("--no-daemon", action="store_true", help="run the engine in this process")
+    prefetch.add_argument("--json", action="store_true", help="NDJSON on stdout: every model's events")
     prefetch.set_defaults(run=_prefetch)
 
     ls = commands.add_parser("ls", parents=[common], help="list cached models")
@@ -92,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", parents=[common], help="re-hash cached models; heal broken ones")
     verify.add_argument("handle", nargs="?", help="a handle or id (default: every model)")
     verify.add_argument("--no-heal", action="store_true", help="report only; do not re-fetch")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(run=_verify)
 
     gc = commands.add_parser("gc", parents=[common], help="evict to fit the quota; drop orphans and quarantine")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.add_argument("--max-size", help="size to collect down to, e.g. 40G (default: the quota, HUBD_MAX_SIZE)")
+    gc.add_argument("--json", action="store_true", help="machine-readable output")
     gc.set_defaults(run=_gc)
 
     status = commands.add_parser("status", parents=[common], help="cache size, entries, pins, upstream")
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", parents=[common], help="remove a model from the cache")
     rm.add_argument("handle", help="a handle, alias or id")
     rm.add_argument("--force", action="store_true", help="remove it even when a manifest pins it")
+    rm.add_argument("--json", action="store_true", help="machine-readable output")
     rm.set_defaults(run=_rm)
 
     unpin = commands.add_parser("unpin", parents=[common], help="let eviction remove a pinned model again")
@@ -283,6 +288,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    if args.json:
+        return _pull_ndjson(args)
     bar = ProgressBar(args.handle, quiet=args.quiet)
 
     async def via_daemon(client: DaemonClient) -> int:
@@ -304,15 +311,39 @@ def _pull(args: argparse.Namespace) -> int:
         bar.close()
 
 
+def _pull_ndjson(args: argparse.Namespace) -> int:
+    """The API's own events, one JSON object a line, as they happen."""
+
+    async def via_daemon(client: DaemonClient) -> int:
+        body = {"handle": args.handle, "sha256": args.sha256, "offline": bool(args.offline)}
+        async for event in client.stream("/v1/pull", body):
+            if event["event"] == "error":
+                raise error_from(event)
+            print(json.dumps(event), flush=True)
+        return 0
+
+    async def in_process(engine: Engine) -> int:
+        def progress(phase: str, done: int, total: int | None) -> None:
+            print(json.dumps({"event": "progress", "phase": phase, "done": done, "total": total}), flush=True)
+
+        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=progress, uid=os.getuid())
+        print(json.dumps({"event": "done", "entry": entry.model_dump(mode="json")}))
+        return 0
+
+    return asyncio.run(_run(args, via_daemon, in_process))
+
+
 def _prefetch(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest_file)  # errors point at the entry before anything is sent
-    board = ProgressBoard([m.handle for m in manifest.model], quiet=args.quiet)
+    board = ProgressBoard([m.handle for m in manifest.model], quiet=args.quiet or args.json)
     results: dict[str, str] = {}
 
     async def consume(events: AsyncIterator[Any]) -> int:
         failed = 0
         async for event in events:
-            data = event if isinstance(event, dict) else event.model_dump()
+            data = event if isinstance(event, dict) else event.model_dump(mode="json")
+            if args.json:
+                print(json.dumps(data), flush=True)
             if data["event"] == "progress":
                 board.update(data["handle"], data["phase"], data["done"], data["total"])
             elif data["event"] == "done":
@@ -340,6 +371,8 @@ def _prefetch(args: argparse.Namespace) -> int:
         )
     finally:
         board.close()
+    if args.json:
+        return 1 if failed else 0
     width = max((len(h) for h in results), default=0)
     for handle in (m.handle for m in manifest.model):
         print(f"{handle:<{width}}  {results.get(handle, 'FAILED  no result')}")
@@ -382,6 +415,9 @@ def _table(entries: list[Entry]) -> str:
 
 def _verify(args: argparse.Namespace) -> int:
     def show(results: list[dict[str, Any]]) -> int:
+        if args.json:
+            print(json.dumps({"results": results}, indent=2))
+            return 1 if any(r["problems"] and not r["healed"] for r in results) else 0
         unhealthy = 0
         for result in results:
             name = ", ".join(result["handles"]) or result["id"]
@@ -412,6 +448,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     def report(entry: Entry) -> int:
+        if args.json:
+            print(entry.model_dump_json(indent=2))
+            return 0
         print(f"removed {entry.id[:12]} ({human_bytes(entry.size_bytes)}): {', '.join(entry.handles)}")
         return 0
 
@@ -461,6 +500,9 @@ def _unpin(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     def show(report: dict[str, Any]) -> int:
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            return 0
         verb = "would free" if report["dry_run"] else "freed"
         for entry in report["removed"]:
             print(
@@ -688,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except HubdError as exc:
+        if getattr(args, "json", False):  # the API's error body (and its stream event, for NDJSON commands)
+            streamed = {"event": "error"} if args.command in ("pull", "prefetch") else {}
+            print(json.dumps({**streamed, "error": exc.as_dict()}))
         hint = f" (hint: {exc.hint})" if exc.hint else ""
         print(f"hubd: error: {exc.message}{hint}", file=sys.stderr)
         return 1

@@ -3,12 +3,14 @@ their own lines, shell completion."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +88,47 @@ def test_completion_scripts_name_every_command(shell: str) -> None:
         assert command in script
     if shutil.which(shell):
         subprocess.run([shell, "-n"], input=script, text=True, check=True)  # it parses
+
+
+def hubd_json(settings: Settings, *args: str) -> tuple[int, list[Any]]:
+    """Run `hubd ... --json`: its exit code and the JSON objects it printed (one document, or NDJSON lines)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hubd", *args, "--json"], env=cli_env(settings), capture_output=True, text=True
+    )
+    try:
+        return result.returncode, [json.loads(result.stdout)]
+    except json.JSONDecodeError:
+        return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_pull_and_prefetch_json_stream_ndjson_events(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    handle = f"https://tfhub.dev/{upstream.publish('reusable')}"
+    code, events = hubd_json(settings, "pull", handle)
+    assert code == 0 and {e["event"] for e in events[:-1]} == {"progress"}
+    assert events[-1]["event"] == "done" and Path(events[-1]["entry"]["path"], "saved_model.pb").is_file()
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'[[model]]\nhandle = "{handle}"\n[[model]]\nhandle = "{handle}9"\n')
+    code, events = hubd_json(settings, "prefetch", str(manifest), "--no-daemon")
+    assert code == 1
+    by_handle = {e["handle"]: e for e in events if e["event"] in ("done", "error")}
+    assert by_handle[handle]["event"] == "done" and by_handle[f"{handle}9"]["error"]["code"]
+
+
+def test_every_command_answers_json_and_errors_carry_the_api_code(settings: Settings, upstream: Upstream) -> None:
+    hubd_json(settings, "pull", f"https://tfhub.dev/{upstream.publish('reusable')}")
+    code, [models] = hubd_json(settings, "ls")
+    assert code == 0 and len(models) == 1
+    code, [verified] = hubd_json(settings, "verify")
+    assert code == 0 and [(r["id"], r["problems"]) for r in verified["results"]] == [(models[0]["id"], [])]
+    code, [plan] = hubd_json(settings, "gc", "--dry-run")
+    assert code == 0 and plan["dry_run"] is True
+    code, [status] = hubd_json(settings, "status")
+    assert code == 0 and status["entries"] == 1
+    code, [removed] = hubd_json(settings, "rm", models[0]["id"])
+    assert code == 0 and removed["id"] == models[0]["id"]
+    code, [error] = hubd_json(settings, "rm", models[0]["id"])
+    assert code == 1 and error["error"]["code"] == "unknown_model" and error["error"]["message"]
+    code, [error] = hubd_json(settings, "pull", "/not/a/remote/handle")
+    assert code == 1 and error["event"] == "error" and error["error"]["code"]
