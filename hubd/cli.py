@@ -20,6 +20,7 @@ from typing import Any
 
 from hubd_client.handles import parse_handle
 from hubd_client.paths import SYSTEM_SOCKET
+from hubd_client.resolver import offline_wanted
 
 from hubd import __version__
 from hubd.api_client import DaemonClient, error_from
@@ -287,13 +288,18 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings_from(args), args.log_level)
 
 
+def _offline(args: argparse.Namespace) -> bool:
+    """`--offline` or HUBD_OFFLINE=1: this command never causes a download, even through an online daemon."""
+    return bool(args.offline) or offline_wanted()
+
+
 def _pull(args: argparse.Namespace) -> int:
     if args.json:
         return _pull_ndjson(args)
     bar = ProgressBar(args.handle, quiet=args.quiet)
 
     async def via_daemon(client: DaemonClient) -> int:
-        body = {"handle": args.handle, "sha256": args.sha256, "offline": bool(args.offline)}
+        body = {"handle": args.handle, "sha256": args.sha256, "offline": _offline(args)}
         entry = await _stream_into_bar(client.stream("/v1/pull", body), bar)
         bar.close()  # before the path: on a terminal it must not land on the bar's line
         print(entry.path)
@@ -315,7 +321,7 @@ def _pull_ndjson(args: argparse.Namespace) -> int:
     """The API's own events, one JSON object a line, as they happen."""
 
     async def via_daemon(client: DaemonClient) -> int:
-        body = {"handle": args.handle, "sha256": args.sha256, "offline": bool(args.offline)}
+        body = {"handle": args.handle, "sha256": args.sha256, "offline": _offline(args)}
         async for event in client.stream("/v1/pull", body):
             if event["event"] == "error":
                 raise error_from(event)

@@ -106,3 +106,19 @@ def test_container_sees_the_cache_at_another_mount_point(
     seen = result.stdout.strip()
     assert seen.startswith(str(mount) + "/objects/")
     assert (settings.cache_dir / Path(seen).relative_to(mount) / "saved_model.pb").is_file()
+
+
+def test_offline_in_the_client_process_never_causes_a_download(
+    daemon: Daemon, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HUBD_OFFLINE=1 is per process (as HF_HUB_OFFLINE): the daemon is online, this process fetches nothing."""
+    cached, uncached = upstream.publish("reusable"), upstream.publish("text_embedding")
+    hubd_client.resolve(f"https://tfhub.dev/{cached}")
+    monkeypatch.setenv("HUBD_OFFLINE", "1")
+    assert Path(hubd_client.resolve(f"https://tfhub.dev/{cached}"), "saved_model.pb").is_file()
+    with pytest.raises(hubd_client.HubdClientError) as refused:
+        hubd_client.resolve(f"https://tfhub.dev/{uncached}")
+    assert refused.value.code == "not_cached" and refused.value.hint
+    assert upstream.requests(uncached) == 0
+    monkeypatch.delenv("HUBD_OFFLINE")
+    assert Path(hubd_client.resolve(f"https://tfhub.dev/{uncached}"), "saved_model.pb").is_file()

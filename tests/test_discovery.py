@@ -173,3 +173,17 @@ def test_the_cli_sends_the_admin_token_over_tcp(settings: Settings, upstream: Up
         assert removed.returncode == 0, removed.stderr
     finally:
         d.stop()
+
+
+def test_hubd_offline_in_the_environment_is_sent_to_the_daemon(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    uncached = upstream.publish("reusable")
+    d = start_daemon(settings, tmp_path)
+    try:
+        env = {**cli_env(settings), "HUBD_SOCKET": str(d.socket_path), "HUBD_OFFLINE": "1"}
+        refused = hubd("pull", tfhub(uncached), env=env)
+        assert refused.returncode == 1 and "offline" in refused.stderr, refused.stderr
+        assert upstream.requests(uncached) == 0
+    finally:
+        d.stop()

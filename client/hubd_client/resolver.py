@@ -22,7 +22,8 @@ def resolve(handle: str) -> str:
     try:
         # A pull's NDJSON stream rather than /v1/resolve: its first line comes at once and the daemon keeps it
         # alive while it fetches, so the client's short first-byte limit never cuts a long download short.
-        status, body = transport.request("POST", "/v1/pull", {"handle": handle}, stream=True)
+        request = {"handle": handle, "offline": True} if offline_wanted() else {"handle": handle}
+        status, body = transport.request("POST", "/v1/pull", request, stream=True)
     except transport.NotAnswering as exc:
         return _fallback(handle, str(exc), answering=False)
     except transport.Unreachable as exc:
@@ -39,6 +40,12 @@ def resolve(handle: str) -> str:
         str(error.get("message", f"hubd answered HTTP {status}")),
         str(error.get("hint", "")),
     )
+
+
+def offline_wanted() -> bool:
+    """HUBD_OFFLINE=1 in this process: it never causes a download, even through a daemon that is online (as
+    HF_HUB_OFFLINE does); cached models still resolve, others fail with `not_cached`."""
+    return os.environ.get("HUBD_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _visible_path(path: str, relpath: str) -> str:
