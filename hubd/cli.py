@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     unpin = commands.add_parser("unpin", parents=[common], help="let eviction remove a pinned model again")
     unpin.add_argument("handle", help="a handle, alias or id")
+    unpin.add_argument("--json", action="store_true", help="machine-readable output")
     unpin.set_defaults(run=_unpin)
 
     export = commands.add_parser(
@@ -124,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("bundle", type=Path, metavar="BUNDLE", help="the file to write (an uncompressed tar)")
     export.add_argument("handles", nargs="*", metavar="HANDLE", help="a handle, alias or id")
     export.add_argument("--manifest", type=Path, help="also every model of this manifest (TOML or JSON)")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(run=_export)
 
     import_ = commands.add_parser(
         "import", parents=[common], help="publish the models of a bundle, each checked against its digest"
     )
     import_.add_argument("bundle", type=Path, metavar="BUNDLE", help="a file `hubd export` wrote")
+    import_.add_argument("--json", action="store_true", help="NDJSON on stdout: one event per model, then done")
     import_.set_defaults(run=_import)
 
     audit = commands.add_parser("audit", parents=[common], help="who deleted, evicted, pinned or imported what")
@@ -486,6 +489,9 @@ async def _model_id(client: DaemonClient, handle: str) -> str:
 
 def _unpin(args: argparse.Namespace) -> int:
     def report(names: list[str]) -> int:
+        if args.json:
+            print(json.dumps({"handle": args.handle, "unpinned": bool(names), "pinned_by": names}))
+            return 0
         if not names:
             print(f"{args.handle} was not pinned")
             return 0
@@ -614,7 +620,7 @@ def _export(args: argparse.Namespace) -> int:
 
     async def via_daemon(client: DaemonClient) -> int:
         pins = [sha or "" for _handle, sha in wanted] if any(sha for _handle, sha in wanted) else []
-        bar = ProgressBar(str(bundle))
+        bar = ProgressBar(str(bundle), quiet=args.quiet or args.json)
         try:
             with open(partial, "wb") as out:
                 await client.export_bundle([handle for handle, _sha in wanted], pins, out, bar)
@@ -634,7 +640,11 @@ def _export(args: argparse.Namespace) -> int:
 
         def exported(entry: BundleEntry) -> None:
             size, names = human_bytes(entry.size_bytes), ", ".join(ref.handle for ref in entry.refs)
-            print(f"hubd: [{next(done)}/{len(header.entries)}] exported {entry.digest[:12]} ({size}) {names}")
+            if not (args.quiet or args.json):  # progress: stderr, so stdout holds only the result
+                print(
+                    f"hubd: [{next(done)}/{len(header.entries)}] exported {entry.digest[:12]} ({size}) {names}",
+                    file=sys.stderr,
+                )
 
         with open(partial, "wb") as out:
             await asyncio.to_thread(write_bundle, engine, header, out, exported)
@@ -652,6 +662,13 @@ def _export(args: argparse.Namespace) -> int:
     except BaseException:
         remove_partial(partial)
         raise
+    if args.json:
+        models = [
+            {"id": e.digest, "size_bytes": e.size_bytes, "handles": [ref.handle for ref in e.refs]}
+            for e in header.entries
+        ]
+        print(json.dumps({"bundle": str(bundle), "size_bytes": bundle.stat().st_size, "models": models}, indent=2))
+        return 0
     for entry in header.entries:
         names = ", ".join(ref.handle for ref in entry.refs)
         print(f"{entry.digest[:12]}  {human_bytes(entry.size_bytes):>10}  {names}")
@@ -667,6 +684,9 @@ def _import(args: argparse.Namespace) -> int:
 
     def show(result: ImportResult) -> None:
         results.append(result)
+        if args.json:
+            print(json.dumps({"event": "entry", **result.model_dump(mode="json")}), flush=True)
+            return
         print(describe(result), file=sys.stderr, flush=True)
         if result.ok:
             print(f"{result.digest}  {', '.join(result.handles)}", flush=True)
@@ -688,6 +708,9 @@ def _import(args: argparse.Namespace) -> int:
         raise BadRequest(f"no bundle at {args.bundle}", "give the file `hubd export` wrote")
     asyncio.run(_run(args, via_daemon, in_process))
     refused = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({"event": "done", "imported": len(results) - len(refused), "refused": len(refused)}))
+        return 1 if refused else 0
     for result in refused:
         print(f"hubd: error: {result.message}", file=sys.stderr)
     print(f"hubd: {len(results) - len(refused)} imported, {len(refused)} refused", file=sys.stderr)
@@ -737,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except HubdError as exc:
         if getattr(args, "json", False):  # the API's error body (and its stream event, for NDJSON commands)
-            streamed = {"event": "error"} if args.command in ("pull", "prefetch") else {}
+            streamed = {"event": "error"} if args.command in ("pull", "prefetch", "import") else {}
             print(json.dumps({**streamed, "error": exc.as_dict()}))
         hint = f" (hint: {exc.hint})" if exc.hint else ""
         print(f"hubd: error: {exc.message}{hint}", file=sys.stderr)

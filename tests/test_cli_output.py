@@ -132,3 +132,21 @@ def test_every_command_answers_json_and_errors_carry_the_api_code(settings: Sett
     assert code == 1 and error["error"]["code"] == "unknown_model" and error["error"]["message"]
     code, [error] = hubd_json(settings, "pull", "/not/a/remote/handle")
     assert code == 1 and error["event"] == "error" and error["error"]["code"]
+
+
+def test_export_import_and_unpin_answer_json(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
+    handle = f"https://tfhub.dev/{upstream.publish('reusable')}"
+    bundle = tmp_path / "models.tar"
+    code, [exported] = hubd_json(settings, "export", str(bundle), handle)
+    assert code == 0 and exported["bundle"] == str(bundle) and exported["size_bytes"] == bundle.stat().st_size
+    assert [m["handles"] for m in exported["models"]] == [[handle]]
+    elsewhere = settings.model_copy(update={"cache_dir": tmp_path / "elsewhere"})
+    code, events = hubd_json(elsewhere, "import", str(bundle))
+    assert code == 0 and [e["event"] for e in events] == ["entry", "done"]
+    assert events[0]["digest"] == exported["models"][0]["id"] and events[1] == {
+        "event": "done",
+        "imported": 1,
+        "refused": 0,
+    }
+    code, [unpinned] = hubd_json(elsewhere, "unpin", handle)
+    assert code == 0 and unpinned == {"handle": handle, "unpinned": False, "pinned_by": []}
