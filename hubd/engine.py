@@ -418,9 +418,8 @@ class Engine:
             self.stats["fetches"] += 1
             self.stats["bytes_fetched"] += result.size
             self.stats["bytes_from_spool"] += result.replayed
-            self.stats[f"bytes_from_{self._where_from(url, result).removeprefix('spool+')}"] += (
-                result.size - result.replayed
-            )
+            source_key = f"bytes_from_{self._where_from(url, result).removeprefix('spool+')}"
+            self.stats[source_key] = self.stats.get(source_key, 0) + result.size - result.replayed
             flight.emit("verify", 0, None)
             archive_sha256 = self._archive_sha256(source, url, result, manifest.digest())
             if sha256 and archive_sha256 != sha256:

@@ -18,8 +18,6 @@ from hubd.server.connections import ConnectionLimits
 
 #: A fetch takes from well under a second (a small model from a mirror) to most of an hour (GBs from upstream).
 FETCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-#: Where fetched archive bytes came from: the upstream server, the configured mirror, or a resume spool on disk.
-SOURCES = ("upstream", "mirror", "spool")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -71,8 +69,8 @@ class _EngineCollector(Collector):
         fetched = CounterMetricFamily(
             "hubd_fetched_bytes", "Archive bytes fetched, by where they came from.", labels=["source"]
         )
-        for source in SOURCES:
-            fetched.add_metric([source], stats[f"bytes_from_{source}"])
+        for key in sorted(k for k in stats if k.startswith("bytes_from_")):  # a new source shows up by itself
+            fetched.add_metric([key.removeprefix("bytes_from_")], stats[key])
         yield fetched
         yield _counter(
             "hubd_mirror_served_bytes",
