@@ -202,3 +202,13 @@ def test_the_example_config_sets_every_setting_validly(tmp_path: Path, monkeypat
     _clean_env(monkeypatch, tmp_path / "xdg")
     monkeypatch.setenv("HUBD_CONFIG", str(config))
     assert load_settings().max_size == 50 * 2**30
+
+
+def test_the_readme_documents_every_variable_the_code_reads() -> None:
+    """Every HUBD_* variable read by hubd or hubd_client is in the README, and `hubd config` shows it."""
+    code = "".join(p.read_text() for d in ("hubd", "client/hubd_client") for p in (REPO / d).rglob("*.py"))
+    read = {v for v in re.findall(r"HUBD_[A-Z_]+", code) if not v.endswith("_")} - {"HUBD_TEST_FAULT"}
+    shown = {f"HUBD_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES.keys()
+    assert read <= shown, sorted(read - shown)
+    readme = (REPO / "README.md").read_text()
+    assert [v for v in sorted(shown) if f"`{v}`" not in readme] == []
