@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from hubd.errors import BadRequest
 from hubd_client.paths import default_cache_dir, default_socket
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -26,6 +25,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from pydantic_settings.exceptions import SettingsError
+
+from hubd.errors import BadRequest
 
 #: Hosts a download may be redirected to by default: the public hubs and the storage they redirect to.
 DEFAULT_ALLOWED_HOSTS = (
