@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--mirror-key-file", help="shared key file a LAN mirror signs its checksum claims with")
     serve.add_argument(
+        "--object-store", help="s3://BUCKET/PREFIX shared by hubd hosts (env HUBD_OBJECT_STORE; AWS_* variables)"
+    )
+    serve.add_argument(
         "--trust-foreign-namespaces",
         action="store_true",
         default=None,
@@ -173,6 +176,7 @@ def flags_from(args: argparse.Namespace) -> dict[str, Any]:
         "max_size",
         "mirror_listen",
         "mirror_key_file",
+        "object_store",
         "trust_foreign_namespaces",
         "socket_group",
     ):

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     mirror_key_file: Path | None = Field(
         None, description="Shared key (same file on both hubds) a LAN mirror signs its archive sha256 claims with."
     )
+    object_store: str | None = Field(
+        None,
+        description="s3://BUCKET/PREFIX shared by hubd hosts (AWS_* variables): looked in before upstream, "
+        "uploaded to after a fetch; everything read from it is verified.",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),
         description="Host patterns downloads may be redirected to (fnmatch syntax).",
@@ -152,6 +157,16 @@ class Settings(BaseSettings):
         assert value is not None
         if not value.startswith(("http://", "https://")):
             raise ValueError("the mirror must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("object_store")
+    @classmethod
+    def _object_store_is_s3(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if not value.startswith("s3://") or len(value) <= len("s3://") or value[5] == "/":
+            raise ValueError("the object store must be s3://BUCKET/PREFIX")
         return value.rstrip("/")
 
     @field_validator("max_size", "max_extract_bytes", "min_rate", mode="before")

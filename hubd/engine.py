@@ -136,6 +136,10 @@ class Engine:
         }
         self.fetch_observers: list[Callable[[float], None]] = []
         """Called with each published fetch's seconds (the daemon keeps a histogram of them)."""
+        from hubd.objectstore import open_object_store  # it imports hubd.bundle, which imports this module
+
+        self.objectstore = open_object_store(settings.object_store)
+        """The shared S3 tier (HUBD_OBJECT_STORE): looked in before upstream, uploaded to after a fetch."""
 
     async def start(self) -> None:
         self.store.ensure_layout()
@@ -197,6 +201,8 @@ class Engine:
         for flight in list(self._flights.values()):
             if flight.task is not None:
                 flight.task.cancel()
+        if self.objectstore is not None:
+            await self.objectstore.close()  # uploads in flight finish (or are cancelled) before the drain ends
         if self._session is not None:
             await self._session.close()
         if self._index is not None:
@@ -369,6 +375,10 @@ class Engine:
             cached = await run_in(HIT_CHECKS, self.cached_entry, source, sha256)  # fetched meanwhile elsewhere?
             if cached is not None:
                 return cached
+            if self.objectstore is not None:
+                shared = await self.objectstore.fetch(self, source, sha256, flight)  # verified, or None
+                if shared is not None:
+                    return shared
             return await self._fetch(source, sha256, flight)
 
     @asynccontextmanager
@@ -447,6 +457,8 @@ class Engine:
             await room.admit(meta.size_bytes)  # every check passed: only now may the quota cost others models
             flight.emit("publish", 0, None)
             await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
+            if self.objectstore is not None:
+                self.objectstore.upload_later(self, meta, source)
             seconds = time.monotonic() - started
             self.stats["fetch_seconds"] += seconds
             for observe in self.fetch_observers:
