@@ -42,14 +42,14 @@ from hubd.errors import (
     UpstreamError,
     VerificationFailed,
 )
-from hubd.eviction import GcReport, QuotaExceeded, collect, gc_lock, unevictable_bytes
+from hubd.eviction import GcReport, QuotaExceeded, collect, unevictable_bytes
 from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import Download, FetchResult, MirrorUnsigned, ProgressCallback, ResumeSpool, make_session
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
 from hubd.slots import FetchSlots
-from hubd.store import ObjectMeta, Ref, Store
+from hubd.store import ObjectMeta, Ref, Store, gc_lock
 from hubd.tfhub_view import TfhubView, link_name
 from hubd.verify import full_problems, quick_problems, structural_problems
 
@@ -680,6 +680,10 @@ class Engine:
 
     def entry_for(self, meta: ObjectMeta) -> Entry:
         return self._entry(meta)
+
+    def forget_meta(self, digest: str) -> None:
+        """Drop the remembered meta of an object that was removed (eviction calls it)."""
+        self._meta_cache.pop(digest, None)
 
     def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
         relpath = f"objects/{meta.digest}"  # plain strings: this runs on every cache hit

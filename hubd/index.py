@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TypeVar
 
 import diskcache
@@ -283,6 +283,25 @@ class Index:
                     self._cache.delete(_NAME + canonical)
 
         self._guarded("forgetting an entry", op, None)
+
+    def forget_all(self, digests: Collection[str], names: Iterable[str] = ()) -> None:
+        """`forget` many entries, and unbind `names` besides, in one transaction and one scan of the names."""
+        doomed = set(digests)
+        for digest in doomed:
+            self._used.pop(digest, None)
+        unbind = set(names)
+
+        def op() -> None:
+            with self._cache.transact():
+                bound = {canonical for canonical, digest in self._names() if digest in doomed}
+                for digest in doomed:
+                    self._cache.delete(_ENTRY + digest)
+                    self._cache.delete(_USED + digest)
+                for canonical in unbind | bound:
+                    self._cache.delete(_NAME + canonical)
+
+        if doomed or unbind:
+            self._guarded("forgetting entries", op, None)
 
     def names(self) -> Iterator[tuple[str, str]]:
         none: list[tuple[str, str]] = []

@@ -139,6 +139,28 @@ class StagingDir:
         os.close(self._lock_fd)
 
 
+class CollectorBusy(HubdError):
+    code = "busy"
+    http_status = 409
+
+
+@contextmanager
+def gc_lock(store: Store, shared: bool, wait: bool = True) -> Iterator[None]:
+    """The flock that keeps collection (exclusive) and publishing (shared) apart: a directory being published
+    is never removed."""
+    fd = os.open(store.locks / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise CollectorBusy(
+                "a model is being published right now", "run `hubd gc` again in a moment"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class Store:
     """Reads and writes the cache layout; every method is safe to call from several processes at once."""
 
@@ -397,7 +419,6 @@ class Store:
         return done
 
     def _recover_one(self, key: str, held: bool = False) -> str | None:
-        from hubd.eviction import gc_lock  # eviction imports this module
         from hubd.verify import quick_problems
 
         intent_path = self.pending / f"{key}.json"
@@ -522,10 +543,20 @@ class Store:
         (self.refs / f"{key}.json").unlink(missing_ok=True)
 
     def iter_refs(self) -> Iterator[Ref]:
+        for _key, ref in self.ref_items():
+            yield ref
+
+    def ref_items(self) -> Iterator[tuple[str, Ref]]:
+        """(key, ref) of every readable ref, in one directory listing."""
         for path in sorted(self.refs.glob("*.json")):
             ref = self.read_ref(path.stem)
             if ref is not None:
-                yield ref
+                yield path.stem, ref
+
+    def object_digests(self) -> set[str]:
+        """The digests of the published trees present (one directory listing; quarantined ones are not)."""
+        with os.scandir(self.objects) as entries:
+            return {entry.name for entry in entries if entry.is_dir()}
 
     # -- pins --------------------------------------------------------------------------------------------
 
@@ -539,6 +570,10 @@ class Store:
 
     def is_pinned(self, digest: str) -> bool:
         return os.path.exists(f"{self.pins}/{digest}.json")
+
+    def pinned_digests(self) -> set[str]:
+        """Every pinned object's digest, in one directory listing."""
+        return {name[: -len(".json")] for name in os.listdir(self.pins) if name.endswith(".json")}
 
     def pin_names(self, digest: str) -> list[str]:
         try:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from hubd_client.handles import AnyHost, parse_handle
@@ -65,6 +66,21 @@ class TfhubView:
         for entry in self.root.iterdir():
             if entry.is_symlink() and os.readlink(entry).endswith(digest):
                 _remove_link(entry)
+
+    def links_by_target(self) -> dict[str, list[Path]]:
+        """digest -> the links to its object, in one directory listing (for removing many objects at once)."""
+        links: dict[str, list[Path]] = {}
+        if not self.root.is_dir():
+            return links
+        for entry in self.root.iterdir():
+            if entry.is_symlink():
+                links.setdefault(os.path.basename(os.readlink(entry)), []).append(entry)
+        return links
+
+    def remove_links(self, links: Iterable[Path]) -> None:
+        """Remove links (from `links_by_target`) and their descriptors."""
+        for link in links:
+            _remove_link(link)
 
     def rebuild(self) -> None:
         """Link every healthy ref; drop links to objects that are gone or quarantined."""

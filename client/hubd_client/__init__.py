@@ -9,8 +9,6 @@ loaded.
 
 from __future__ import annotations
 
-import os
-
 from hubd_client.errors import DaemonUnavailable, HubdClientError
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing alone costs a process ~10 ms
@@ -45,26 +43,9 @@ def load(handle: str, tags: Any = None, options: Any = None) -> Any:
     Same checks and errors as tensorflow_hub 0.16.1: a non-string handle and a directory without a SavedModel
     raise ValueError; a legacy TF1 Hub module loads with the empty tag set; the result has `_is_hub_module_v1`.
     """
-    if not isinstance(handle, str):
-        raise ValueError(f"Expected a string, got {handle}")
-    import tensorflow as tf
+    from hubd_client.loading import load as load_saved_model  # TensorFlow is imported on the first load
 
-    module_path = resolve(handle)
-    is_hub_module_v1 = tf.io.gfile.exists(os.path.join(module_path, "tfhub_module.pb"))
-    if tags is None and is_hub_module_v1:
-        tags = []
-    names = (tf.saved_model.SAVED_MODEL_FILENAME_PB, tf.saved_model.SAVED_MODEL_FILENAME_PBTXT)
-    if not any(tf.io.gfile.exists(os.path.join(module_path, name)) for name in names):
-        raise ValueError(
-            "Trying to load a model of incompatible/unknown type. "
-            f"'{module_path}' contains neither '{names[0]}' nor '{names[1]}'."
-        )
-    if options:
-        obj = tf.compat.v1.saved_model.load_v2(module_path, tags=tags, options=options)
-    else:
-        obj = tf.compat.v1.saved_model.load_v2(module_path, tags=tags)
-    obj._is_hub_module_v1 = is_hub_module_v1
-    return obj
+    return load_saved_model(handle, tags, options)
 
 
 def __getattr__(name: str) -> Any:

@@ -40,7 +40,7 @@ def load_module(handle: Any, tags: Any = None, load_options: Any = None) -> Any:
         if load_options is not None:
             raise ValueError("Passing a callable handle is mutually exclusive with setting load_options.")
         return handle
-    from hubd_client import load
+    from hubd_client.loading import load
 
     return load(handle, tags=tags, options=load_options)
 
