@@ -22,7 +22,7 @@ import types
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from hubd.errors import ArchiveTooLarge, DiskFull, NotAnArchive, UnsafeArchive
 from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeManifest
@@ -79,6 +79,8 @@ class GzipReader(io.RawIOBase):
         self._consumed = 0
         self._trailing = 0
         self._started = False
+        self._padding = False  # the last member has ended; what follows is padding
+        self._input_ended = False  # read_compressed has returned b"" (it is not asked again)
         self._eof = False
 
     def readable(self) -> bool:
@@ -100,8 +102,15 @@ class GzipReader(io.RawIOBase):
                     self._eof = True
                     break
             if self._inflater.eof:
-                if self._pending[:2] != _GZIP_MAGIC:
-                    # Padding after the last member: gzip(1) ignores it too, but not without end.
+                if not self._padding and len(self._pending) < len(_GZIP_MAGIC) and not self._input_ended:
+                    # A member ended and the next one's magic may straddle a read boundary: never judge
+                    # "not a new member" on fewer than 2 bytes while more input may come.
+                    self._pending += self._next_compressed()
+                    continue
+                if self._padding or self._pending[:2] != _GZIP_MAGIC:
+                    # Padding after the last member: gzip(1) ignores it too, but not without end. Once padding
+                    # has begun, everything after it is padding, however the stream happens to be cut up.
+                    self._padding = True
                     self._trailing += len(self._pending)
                     self._pending = b""
                     check_trailing(self._trailing)
@@ -137,12 +146,15 @@ class GzipReader(io.RawIOBase):
             )
 
     def _next_compressed(self) -> bytes:
+        if self._input_ended:
+            return b""
         chunk = self._read_compressed()
         if not self._started:
             # Sniff the magic on the first two bytes, however the stream happens to be cut into chunks.
             while chunk and len(chunk) < len(_GZIP_MAGIC):
                 more = self._read_compressed()
                 if not more:
+                    self._input_ended = True
                     break
                 chunk += more
             if chunk:
@@ -154,6 +166,8 @@ class GzipReader(io.RawIOBase):
                         "check that the handle points at a model; an HTML page usually means a login or error "
                         "page",
                     )
+        if not chunk:
+            self._input_ended = True
         self._consumed += len(chunk)
         return chunk
 
@@ -258,11 +272,12 @@ class SafeExtractor:
 
     def _extract(self, buffered: io.BufferedReader) -> TreeManifest:
         try:
-            with tarfile.open(fileobj=buffered, mode="r|") as archive:
+            with tarfile.open(fileobj=buffered, mode="r|", tarinfo=_EndTrackingTarInfo) as archive:
                 while (member := archive.next()) is not None:
                     # A stream is read once: keeping every header would cost memory in proportion to members.
                     cast(Any, archive).members.clear()
                     self._extract_member(archive, member)
+                _check_tar_end(archive)
             self._create_links()
         except tarfile.TarError as exc:
             raise NotAnArchive(f"the archive is not a valid tar file: {exc}", "fetch it again") from None
@@ -417,6 +432,48 @@ class SafeExtractor:
             os.close(fd)
         self._bytes += written
         self.manifest.files[name] = FileRecord(written, digest.hexdigest())
+
+
+# tarfile's header errors are not in its __all__ (nor its stubs), but have been there since Python 3.2.
+_TRUNCATED_HEADER: type[Exception] = cast(Any, tarfile).TruncatedHeaderError
+_INVALID_HEADER: type[Exception] = cast(Any, tarfile).InvalidHeaderError
+
+
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Records why `tarfile` stopped: in stream mode `next()` returns None alike for the end-of-archive block,
+    a clean end of data, a torn header and a header of garbage, so the caller could not tell them apart."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(archive)
+        except Exception as exc:
+            cast(Any, archive).hubd_header_error = exc
+            raise
+
+
+def _check_tar_end(archive: tarfile.TarFile) -> None:
+    """The tar must end with its end-of-archive block, or at least where a header would begin.
+
+    A zero block is the end (tar(1) writes two; `tarfile` stops at the first). A stream that stops part way
+    through a header, or holds something that is not a header where one belongs, is refused: `tarfile` would
+    end there without a word and every member after that point would be silently missing. A stream that stops
+    cleanly on a header boundary without the zero blocks is accepted, as GNU tar and libarchive accept it
+    ("some writers do omit the block of nulls"): the gzip layer has by then read its stream to a member's end
+    and to the end of the input, and a download cut short is caught by the fetch (Content-Length, retries).
+    """
+    error = getattr(archive, "hubd_header_error", None)
+    if isinstance(error, _TRUNCATED_HEADER):
+        raise NotAnArchive(
+            f"the archive ends in the middle of a tar header (at byte {archive.offset} of the tar): truncated",
+            "fetch it again; nothing was cached",
+        )
+    if isinstance(error, _INVALID_HEADER):
+        raise NotAnArchive(
+            f"the archive is not a valid tar file: a damaged header at byte {archive.offset} ({error}); the "
+            "members after it cannot be read",
+            "fetch it again; if it fails the same way, the archive itself is damaged upstream",
+        )
 
 
 def _write_all(fd: int, data: bytes) -> None:

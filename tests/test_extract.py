@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
 import os
 import stat
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
-from hubd.extract import INFLATE_BACKEND, MAX_INFLATE_RATIO, GzipReader, SafeExtractor, TreeManifest
+from hubd.extract import (
+    INFLATE_BACKEND,
+    MAX_INFLATE_RATIO,
+    TRAILING_ALLOWANCE,
+    GzipReader,
+    SafeExtractor,
+    TreeManifest,
+)
 from tests import hostile
 
 
@@ -208,3 +218,139 @@ def test_bytes_after_the_archive_end_are_read_only_up_to_an_allowance(
     with pytest.raises(NotAnArchive, match="after the archive's end"):
         asyncio.run(endless_upstream())
     assert sent[0] < 8 * 2**20
+
+
+# Multi-member gzip (pigz --independent, bgzip, `cat a.gz b.gz`): read boundaries fall anywhere, so a member's
+# magic can arrive split across two reads; the archive must come out whole, however the stream is cut.
+
+_TREE = {
+    "saved_model.pb": b"\x08\x01graph",
+    "variables/variables.index": b"index",
+    "variables/variables.data-00000-of-00001": bytes(range(256)) * 40,
+    "assets/vocab.txt": b"a\nb\n" * 700,
+}
+
+
+def _tar_of_tree() -> bytes:
+    return hostile._tar([hostile._file(name, data) for name, data in _TREE.items()], compress=False)
+
+
+def _header_offsets(raw: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+def _end_of_members(raw: bytes) -> int:
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _gzip_members(raw: bytes, cuts: list[int]) -> tuple[bytes, list[int]]:
+    """`raw` gzipped as one member per piece between `cuts`, then bgzip's empty end member; and where each
+    member after the first begins in the result."""
+    pieces = [raw[a:b] for a, b in itertools.pairwise([0, *cuts, len(raw)])]
+    members = [gzip.compress(piece, mtime=0) for piece in pieces] + [gzip.compress(b"", mtime=0)]
+    return b"".join(members), list(itertools.accumulate(len(m) for m in members))[:-1]
+
+
+def _reader(chunks: list[bytes], max_bytes: int = 2**31) -> GzipReader:
+    pieces = iter(chunks)
+    return GzipReader(lambda: next(pieces, b""), max_bytes)
+
+
+def _extract_chunks(chunks: list[bytes], dest: Path) -> TreeManifest:
+    dest.mkdir()
+    return SafeExtractor(dest, 2**30, 10_000, fsync=False).extract_stream(_reader(chunks))
+
+
+def _split(blob: bytes, *cuts: int) -> list[bytes]:
+    return [blob[a:b] for a, b in itertools.pairwise([0, *cuts, len(blob)])]
+
+
+def _assert_whole_tree(manifest: TreeManifest, dest: Path) -> None:
+    assert set(manifest.files) == set(_TREE)
+    assert {name: (dest / name).read_bytes() for name in _TREE} == _TREE
+
+
+def test_multi_member_gzip_split_around_every_member_boundary_extracts_the_whole_tree(tmp_path: Path) -> None:
+    raw = _tar_of_tree()
+    headers = _header_offsets(raw)
+    # Gzip members end on tar member boundaries (where a lost member would go unnoticed) and once mid-file.
+    blob, boundaries = _gzip_members(raw, [headers[1], headers[2], headers[2] + 700, headers[3]])
+    assert len(boundaries) == 5
+    cases = [_split(blob, cut) for b in boundaries for cut in range(b - 2, b + 4)]
+    cases += [_split(blob, b, b + 1) for b in boundaries]  # the magic's first byte alone in a read
+    cases += [_split(blob, b + 1, b + 2) for b in boundaries]  # ... and its second
+    for i, chunks in enumerate(cases):
+        dest = tmp_path / f"tree{i}"
+        _assert_whole_tree(_extract_chunks(chunks, dest), dest)
+
+
+def test_gzip_reader_reads_every_member_whatever_the_read_boundaries() -> None:
+    parts = [b"first member ", b"second ", b"", b"third, and the last"]
+    blob = b"".join(gzip.compress(part, mtime=0) for part in parts)
+    for cut in range(1, len(blob)):
+        assert _reader(_split(blob, cut)).read() == b"".join(parts), cut
+    assert _reader([blob[i : i + 1] for i in range(len(blob))]).read() == b"".join(parts)
+
+
+def test_single_member_archive_with_trailing_zero_padding_still_extracts(tmp_path: Path) -> None:
+    member = gzip.compress(_tar_of_tree(), mtime=0)
+    end = len(member)
+    for padding in (b"\0" * 10_240, b"\0", b"\x1f"):  # a lone byte at the very end is padding, even 0x1f
+        blob = member + padding
+        for i, cut in enumerate(c for c in range(end - 2, end + 4) if c < len(blob)):
+            dest = tmp_path / f"tree{len(padding)}{padding[:1].hex()}_{i}"
+            _assert_whole_tree(_extract_chunks(_split(blob, cut), dest), dest)
+
+
+def test_padding_after_the_last_member_stays_padding_whatever_the_read_boundaries() -> None:
+    """Once padding has begun, a gzip magic later in it is padding too (as for gzip(1)), not a new member that
+    appears only when a read happens to begin on it."""
+    first = gzip.compress(b"the archive", mtime=0)
+    blob = first + b"\0" * 100 + gzip.compress(b" and more", mtime=0)
+    for cut in range(len(first) - 2, len(blob)):
+        assert _reader(_split(blob, cut)).read() == b"the archive", cut
+
+
+def test_bytes_after_a_multi_member_archive_are_cut_at_the_allowance() -> None:
+    blob, boundaries = _gzip_members(b"payload" * 100, [300])
+    for extra in (TRAILING_ALLOWANCE, TRAILING_ALLOWANCE + 1):
+        padded = blob + b"\0" * extra
+        reader = _reader(_split(padded, boundaries[-1] + 1, len(blob) + 1))
+        if extra <= TRAILING_ALLOWANCE:
+            assert reader.read() == b"payload" * 100
+        else:
+            with pytest.raises(NotAnArchive, match="after the archive's end"):
+                reader.read()
+
+
+def test_a_tar_torn_inside_a_header_is_refused_not_cut_short(tmp_path: Path) -> None:
+    """The gzip stream ends cleanly on a member boundary, but the tar inside stops part way through a header:
+    tarfile would end there without a word, and the members after it would be missing."""
+    raw = _tar_of_tree()
+    torn = raw[: _header_offsets(raw)[2] + 100]
+    blob, _ = _gzip_members(torn, [_header_offsets(raw)[2]])
+    with pytest.raises(NotAnArchive, match="middle of a tar header"):
+        _extract_chunks([blob], tmp_path / "tree")
+
+
+def test_a_damaged_tar_header_is_refused_not_taken_for_the_end(tmp_path: Path) -> None:
+    raw = _tar_of_tree()
+    at = _header_offsets(raw)[2]
+    damaged = raw[:at] + (b"not a tar header. " * 30)[: tarfile.BLOCKSIZE] + raw[at:]
+    with pytest.raises(NotAnArchive, match="damaged header"):
+        _extract_chunks([gzip.compress(damaged)], tmp_path / "tree")
+
+
+def test_a_tar_without_its_end_blocks_is_accepted_whole(tmp_path: Path) -> None:
+    """Some writers omit the two zero blocks; GNU tar and libarchive accept such a tar, and so does hubd: the
+    stream ends on a header boundary, after the last gzip member's end and the input's (see _check_tar_end)."""
+    raw = _tar_of_tree()
+    bare = raw[: _end_of_members(raw)]
+    assert len(bare) < len(raw) and raw[len(bare) :] == bytes(len(raw) - len(bare))
+    blob, boundaries = _gzip_members(bare, [_header_offsets(raw)[3]])
+    for i, cut in enumerate(range(boundaries[0] - 2, boundaries[0] + 4)):
+        dest = tmp_path / f"tree{i}"
+        _assert_whole_tree(_extract_chunks(_split(blob, cut), dest), dest)
