@@ -7,7 +7,10 @@ publishing). Each kind of work here has its own pool, sized for it:
 - `HIT_CHECKS`: a cache hit's quick check (one lstat per file: 0.1 s for a 20,000-file model), coalesced, so
   many clients resolving one model at once share one check;
 - `HASHING`: full re-hashes (verify), CPU-bound: as many as there are cores, the rest queue;
-- `WAITS`: waits that can last (a flock another process holds, the gc lock) and the work done under them.
+- `WAITS`: waits that can last (a flock another process holds, the gc lock) and the work done under them;
+- `PARSING`: parsing and validating request bodies (up to 4 MB of JSON or TOML: seconds of CPU), one at a time:
+  tomllib is pure Python and holds the GIL in 5 ms slices, so two parsing threads left the event loop too few
+  (/v1/health took 0.5-0.8 s); with one it stays well under that and other bodies queue.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ T = TypeVar("T")
 HIT_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubd-hit")
 HASHING = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="hubd-hash")
 WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hubd-wait")
+PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-parse")
 
 _running: dict[Hashable, asyncio.Future[Any]] = {}
 

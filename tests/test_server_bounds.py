@@ -364,3 +364,51 @@ def test_the_units_give_the_daemon_descriptors_for_its_connection_limit() -> Non
             line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith("LimitNOFILE=")
         ]
         assert limits and int(limits[0]) >= needed, (unit, limits)
+
+
+# -- hostile bodies (red team #10) ----------------------------------------------------------------------
+
+
+def _health_while(daemon: Daemon, attacks: list[threading.Thread]) -> list[float]:
+    """Start `attacks`, time /v1/health requests one after another until they all end: the latencies."""
+    for attack in attacks:
+        attack.start()
+    latencies = []
+    while any(attack.is_alive() for attack in attacks) or len(latencies) < 3:
+        started = time.monotonic()
+        assert daemon.request("GET", "/v1/health").status == 200
+        latencies.append(time.monotonic() - started)
+    for attack in attacks:
+        attack.join(60)
+    return latencies
+
+
+@pytest.mark.parametrize("kind", ["toml", "json"])
+def test_a_4_mb_hostile_body_neither_stalls_the_daemon_nor_gets_a_huge_answer(
+    settings: Settings, tmp_path: Path, kind: str
+) -> None:
+    """Red team #10: 4 MB of TOML tables (or JSON entries with 60 unknown keys each) used to be parsed and
+    validated on the event loop (health stalled 2.8-4.6 s) and answered with one problem per key (6.6-23 MB)."""
+    if kind == "toml":
+        raw = "".join(f"k{i} = {{a={{b={{c=1}}}}}}\n" for i in range(165_000)).encode()
+        headers = {"Content-Type": "application/toml"}
+    else:
+        entries = [dict({"handle": "h"}, **{f"k{j}": 0 for j in range(60)}) for _ in range(8000)]
+        raw = json.dumps({"model": entries}, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+    assert 3_000_000 < len(raw) < 4 * 2**20
+    daemon = start_daemon(settings, tmp_path)
+    try:
+        replies: list[Any] = []
+
+        def attack() -> None:
+            replies.append(call(daemon.unix(), "POST", "/v1/prefetch", raw=raw, headers=headers))
+
+        latencies = _health_while(daemon, [threading.Thread(target=attack) for _ in range(2)])
+        assert [r.status for r in replies] == [400, 400]
+        for reply in replies:
+            assert len(reply.body) < 4096, len(reply.body)  # the first problems, then "and N more"
+            assert "more" in reply.json()["error"]["message"]
+        assert max(latencies) < 0.5, sorted(latencies)[-5:]
+    finally:
+        daemon.stop()

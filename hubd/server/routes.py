@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import TypeVar, cast
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from hubd import __version__, bundle
 from hubd.audit import ACTIONS, parse_time, uid_of, user_name
@@ -20,8 +20,8 @@ from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
 from hubd.errors import BadHandle, BadRequest, HubdError
 from hubd.eviction import gc_lock
-from hubd.executors import WAITS, run_in
-from hubd.manifest import ManifestEntry, parse_manifest
+from hubd.executors import PARSING, WAITS, run_in
+from hubd.manifest import Manifest, ManifestEntry, ManifestProblems, parse_manifest, validate
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
     AuditList,
@@ -62,7 +62,13 @@ def json_response(model: BaseModel, status: int = 200) -> web.Response:
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
+    """The body as `model`. Parsed and validated in `PARSING` (4 MB of JSON is seconds of CPU: never on the event
+    loop); a validation error names the first few problems and counts the rest, so its answer stays small."""
     raw = await _read_body(request)
+    return await run_in(PARSING, _parse_json, raw, model)
+
+
+def _parse_json(raw: bytes, model: type[M]) -> M:
     try:
         data = json.loads(raw or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -70,10 +76,18 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     except RecursionError:
         raise _too_deep() from None
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise BadRequest(f"invalid request body: {problems}", "see /v1/openapi.json for the schema") from None
+        return validate(model, data)
+    except ManifestProblems as exc:
+        raise BadRequest(f"invalid request body: {exc}", "see /v1/openapi.json for the schema") from None
+
+
+def _parse_toml(raw: bytes, charset: str) -> Manifest:
+    try:
+        return parse_manifest(raw.decode(charset, "replace"), "request body")
+    except RecursionError:
+        raise _too_deep() from None
+    except LookupError:
+        raise BadRequest(f"unknown charset {charset!r}", "send the manifest as UTF-8") from None
 
 
 def _too_deep() -> BadRequest:
@@ -164,10 +178,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 async def prefetch(request: web.Request) -> web.StreamResponse:
     if request.content_type in ("application/toml", "text/x-toml", "text/plain"):
         raw = await _read_body(request)
-        try:
-            manifest = parse_manifest(raw.decode(request.charset or "utf-8", "replace"), "request body")
-        except RecursionError:
-            raise _too_deep() from None
+        manifest = await run_in(PARSING, _parse_toml, raw, request.charset or "utf-8")
         wanted, given = manifest.model, None
     else:
         body = await parse_body(request, PrefetchRequest)
