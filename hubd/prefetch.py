@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 
 from pydantic import BaseModel
@@ -29,7 +30,7 @@ async def resolve_many(
     `interactive`: its fetches yield download slots to people waiting for a model. Pins name `source` (the
     manifest), so `hubd rm` can say which manifest wants a model.
     """
-    events: asyncio.Queue[BaseModel | None] = asyncio.Queue()
+    events = _Events()
     limit = asyncio.Semaphore(engine.settings.prefetch_concurrency)
     failures: list[ErrorEvent] = []
     done = 0
@@ -38,7 +39,7 @@ async def resolve_many(
         nonlocal done
 
         def progress(phase: str, completed: int, total: int | None) -> None:
-            events.put_nowait(
+            events.progress(
                 ProgressEvent(event="progress", handle=item.handle, phase=phase, done=completed, total=total)
             )
 
@@ -77,6 +78,41 @@ async def resolve_many(
     finally:
         # The consumer left (a client disconnected): its fetches lose a waiter, and stop if it was the last.
         worker.cancel()
+
+
+class _Events:
+    """The events one `resolve_many` has for its consumer: done, error and summary events (and the end, None) in
+    order, never dropped; progress coalesced per handle and phase, only the latest kept (so each phase still
+    shows, in order). A consumer that reads slowly, or not at all, holds at most one progress event per model
+    and phase however long the fetches run (an unbounded queue grew a daemon with 60 unread prefetch streams by
+    230 MiB in 160 s).
+    """
+
+    def __init__(self) -> None:
+        self._order: deque[BaseModel | tuple[str, str] | None] = deque()  # (handle, phase): its latest progress
+        self._progress: dict[tuple[str, str], ProgressEvent] = {}
+        self._ready = asyncio.Event()
+
+    def progress(self, event: ProgressEvent) -> None:
+        key = (event.handle, event.phase)
+        if key not in self._progress:
+            self._order.append(key)
+        self._progress[key] = event
+        self._ready.set()
+
+    def put_nowait(self, event: BaseModel | None) -> None:
+        self._order.append(event)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    async def get(self) -> BaseModel | None:
+        while not self._order:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._order.popleft()
+        return self._progress.pop(item) if isinstance(item, tuple) else item
 
 
 def pin_name(item: ManifestEntry, source: str) -> str:

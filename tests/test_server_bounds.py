@@ -412,3 +412,59 @@ def test_a_4_mb_hostile_body_neither_stalls_the_daemon_nor_gets_a_huge_answer(
         assert max(latencies) < 0.5, sorted(latencies)[-5:]
     finally:
         daemon.stop()
+
+
+def test_progress_is_coalesced_per_model_and_phase_and_final_events_are_kept() -> None:
+    """Red team #10: an unread stream's events used to queue without bound (57 -> 284 MiB in 160 s)."""
+    from hubd.events import DoneEvent, ProgressEvent
+    from hubd.prefetch import _Events
+
+    events = _Events()
+    for done in range(100_000):
+        for handle in ("a", "b"):
+            events.progress(
+                ProgressEvent(event="progress", handle=handle, phase="download", done=done, total=None)
+            )
+    events.progress(ProgressEvent(event="progress", handle="a", phase="verify", done=1, total=1))
+    final = DoneEvent.model_construct(event="done", handle="a")
+    events.put_nowait(final)
+    events.put_nowait(None)
+    assert len(events) == 5
+
+    async def drain() -> list[Any]:
+        return [await events.get() for _ in range(5)]
+
+    got = asyncio.run(drain())
+    assert [(e.handle, e.phase, e.done) for e in got[:3]] == [
+        ("a", "download", 99_999),
+        ("b", "download", 99_999),
+        ("a", "verify", 1),
+    ]
+    assert got[3:] == [final, None]
+
+
+def test_a_stream_nobody_reads_is_closed_and_releases_its_work(settings: Settings, tmp_path: Path) -> None:
+    """A prefetch whose answer nobody reads: once the socket's buffers are full, a write that waits 12 heartbeats
+    gives up and the connection is closed (it used to wait for ever, holding its events and its fetches)."""
+    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_OFFLINE": "1", "HUBD_STREAM_HEARTBEAT": "0.1"})
+    try:
+        # 600 models that are not cached: an error event of ~2 KB each at once, far more than the buffers hold.
+        body = json.dumps({"model": [{"handle": tfhub(f"m{i}/{'x' * 1800}/1")} for i in range(600)]}).encode()
+        unread = socket.socket(socket.AF_UNIX)
+        unread.connect(str(daemon.socket_path))
+        head = "POST /v1/prefetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        unread.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while "read nothing for 1.2 s" not in daemon.log():
+            assert time.monotonic() < deadline, "the unread stream was never given up"
+            assert daemon.request("GET", "/v1/health").status == 200  # polled, and the daemon serves meanwhile
+        unread.settimeout(10)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := unread.recv(1 << 16):
+                received += chunk
+        unread.close()
+        assert b'"event":"summary"' not in received  # cut off: the client never saw an end it did not read
+        assert 100_000 < len(received) < 1_000_000
+    finally:
+        daemon.stop()

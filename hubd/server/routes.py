@@ -216,10 +216,7 @@ async def _stream_resolves(
     async def send(data: bytes) -> None:
         nonlocal connected
         if connected:
-            try:
-                await response.write(data)
-            except (ConnectionError, RuntimeError):  # the client went away: a normal end, not a server error
-                connected = False
+            connected = await _write_or_give_up(request, response, data, heartbeat)
 
     events = aiter(
         resolve_many(
@@ -235,8 +232,10 @@ async def _stream_resolves(
     try:
         while True:
             following = asyncio.ensure_future(anext(events))
-            while not (await asyncio.wait({following}, timeout=heartbeat))[0]:
+            while connected and not (await asyncio.wait({following}, timeout=heartbeat))[0]:
                 await send(b"\n")
+            if not connected:
+                break  # nobody reads: withdraw from the fetches (each stops unless someone else waits for it)
             try:
                 event = following.result()
             except StopAsyncIteration:
@@ -248,9 +247,36 @@ async def _stream_resolves(
         if not following.done():
             following.cancel()
     if connected:
-        with contextlib.suppress(ConnectionError, RuntimeError):  # gone after the last event: nothing was lost
-            await response.write_eof()
+        await _write_or_give_up(request, response, None, heartbeat)  # the end (gone after the last event: fine)
     return response
+
+
+STALLED_WRITES = 12
+"""Heartbeats' worth of time (60 s by default) a stream's write may wait for a client that reads nothing; then the
+client counts as gone (and its fetches lose a waiter): an unread stream holds no memory or fetch for ever."""
+
+
+async def _write_or_give_up(
+    request: web.Request, response: web.StreamResponse, data: bytes | None, heartbeat: float
+) -> bool:
+    """Write `data` (None: the end); False when the client is gone: it hung up, or took nothing for
+    STALLED_WRITES heartbeats (then the connection is aborted)."""
+    try:
+        async with asyncio.timeout(STALLED_WRITES * heartbeat):
+            await (response.write(data) if data is not None else response.write_eof())
+        return True
+    except TimeoutError:
+        log.info(
+            "%s %s: the client read nothing for %g s: closed",
+            request.method,
+            request.path,
+            STALLED_WRITES * heartbeat,
+        )
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    except (ConnectionError, RuntimeError):  # the client went away: a normal end, not a server error
+        return False
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -444,10 +470,7 @@ async def import_bundle(request: web.Request) -> web.StreamResponse:
     async def send(data: bytes) -> None:
         nonlocal connected
         if connected:
-            try:
-                await response.write(data)
-            except (ConnectionError, RuntimeError):
-                connected = False
+            connected = await _write_or_give_up(request, response, data, engine.settings.stream_heartbeat)
 
     while True:
         try:
