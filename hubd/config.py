@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     max_size: int | None = Field(
         None, gt=0, description="Quota for published models (bytes, or '50G'); least recently used go first."
     )
+    max_spool_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Cap on resume spools in partial/ (bytes, or '2G'); default a tenth of the quota, or 8 GiB.",
+    )
     gc_grace: float = Field(600.0, ge=0, description="Seconds an entry stays safe from eviction after a resolve.")
     tfhub_view: bool = Field(True, description="Keep tfhub_modules/ laid out like tensorflow_hub's cache.")
     mirror_listen: Annotated[list[str], NoDecode] = Field(
@@ -169,7 +174,7 @@ class Settings(BaseSettings):
             raise ValueError("the object store must be s3://BUCKET/PREFIX")
         return value.rstrip("/")
 
-    @field_validator("max_size", "max_extract_bytes", "min_rate", mode="before")
+    @field_validator("max_size", "max_extract_bytes", "min_rate", "max_spool_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         if isinstance(value, str):

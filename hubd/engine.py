@@ -44,7 +44,17 @@ from hubd.errors import (
 )
 from hubd.eviction import GcReport, QuotaExceeded, collect, unevictable_bytes
 from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
-from hubd.fetch import Download, FetchResult, MirrorUnsigned, ProgressCallback, ResumeSpool, make_session
+from hubd.fetch import (
+    SPOOLS_PER_UID,
+    Download,
+    FetchResult,
+    MirrorUnsigned,
+    ProgressCallback,
+    ResumeSpool,
+    list_spools,
+    make_session,
+    trim_spools,
+)
 from hubd.index import Index
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
@@ -156,16 +166,25 @@ class Engine:
         return self.store.root / "partial"
 
     def _drop_stale_spools(self) -> None:
-        """A spool nobody resumed within SPOOL_MAX_AGE is only taking disk space."""
-        if not self.spool_dir.is_dir():
-            return
-        cutoff = time.time() - SPOOL_MAX_AGE
-        for path in self.spool_dir.iterdir():
-            try:
-                if path.lstat().st_mtime < cutoff:
-                    path.unlink()
-            except FileNotFoundError:
-                pass
+        """A spool nobody resumed within SPOOL_MAX_AGE is only taking disk space (at start, on each gc and
+        each new spool)."""
+        trim_spools(self.spool_dir, max_age=SPOOL_MAX_AGE)
+
+    @property
+    def max_spool_bytes(self) -> int:
+        """HUBD_MAX_SPOOL_BYTES, else a tenth of the quota, else SPOOL_DEFAULT_CAP."""
+        if self.settings.max_spool_bytes is not None:
+            return self.settings.max_spool_bytes
+        quota = self.settings.max_size
+        return quota // 10 if quota is not None else SPOOL_DEFAULT_CAP
+
+    def spool_bytes(self) -> int:
+        """Bytes in partial/ (resume spools): they count against the quota and the free disk."""
+        return sum(spool.size for spool in list_spools(self.spool_dir))
+
+    def free_spools(self, need: int) -> int:
+        """Drop idle spools, oldest first, until `need` bytes are freed (or none are left); returns the bytes."""
+        return sum(spool.size for spool in trim_spools(self.spool_dir, free=need))
 
     def _forget_credentials(self) -> None:
         """Drop what an older hubd stored from handles with credentials or tokens in them (user:pw@, ?token=).
@@ -398,7 +417,15 @@ class Engine:
         started = time.monotonic()
         staging = self.store.new_staging()
         room = _Room(self)
-        spool = ResumeSpool(self.spool_dir, source.ref_key, url)
+        spool = ResumeSpool(
+            self.spool_dir,
+            source.ref_key,
+            url,
+            uid=flight.uid,
+            max_bytes=self.max_spool_bytes,
+            per_uid=SPOOLS_PER_UID,
+            max_age=SPOOL_MAX_AGE,
+        )
         try:
             sink = StreamingExtraction(
                 staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
@@ -480,8 +507,9 @@ class Engine:
                 "ok",
                 f"{result.size} bytes from {where}",
             )
-            if self.settings.max_size is not None:
-                await asyncio.to_thread(collect, self, self.settings.max_size, False, frozenset({meta.digest}))
+            if self.settings.max_size is not None:  # resume spools (partial/) count against the quota too
+                models = max(0, self.settings.max_size - await asyncio.to_thread(self.spool_bytes))
+                await asyncio.to_thread(collect, self, models, False, frozenset({meta.digest}))
             return self._entry(meta, last_used=time.time())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -795,7 +823,17 @@ class Engine:
     async def gc(self, dry_run: bool = False, max_size: int | None = None) -> GcReport:
         """Evict to fit `max_size` (default: the quota); always drops orphaned objects and quarantined trees."""
         quota = max_size if max_size is not None else self.settings.max_size
-        return await asyncio.to_thread(collect, self, quota, dry_run)
+        return await asyncio.to_thread(self._gc, quota, dry_run)
+
+    def _gc(self, quota: int | None, dry_run: bool) -> GcReport:
+        """Drop every resume spool no download is using (they count against the quota and the disk; a fetch of
+        the handle then starts from zero), then collect down to the quota less what spools remain."""
+        dropped = trim_spools(self.spool_dir, everything=True, dry_run=dry_run)
+        freed = sum(spool.size for spool in dropped)
+        kept = self.spool_bytes() - (freed if dry_run else 0)
+        report = collect(self, None if quota is None else max(0, quota - kept), dry_run)
+        report.spools_dropped, report.spool_bytes_freed = len(dropped), freed
+        return report
 
     async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
         """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
@@ -834,6 +872,9 @@ class Engine:
 SPOOL_MAX_AGE = 7 * 86400
 """Seconds an interrupted download's spool is kept for a resume."""
 
+SPOOL_DEFAULT_CAP = 8 << 30
+"""Bytes resume spools may hold in all when neither HUBD_MAX_SPOOL_BYTES nor a quota is set."""
+
 PREFETCH_YIELD = 0.5
 """Seconds a prefetch holds back before each chunk while an interactive fetch runs."""
 
@@ -851,16 +892,25 @@ class _Room:
         """Bytes of pinned and recently used models, which no eviction may remove."""
 
     async def check(self, announced: int) -> None:
+        """Refuse, before its first byte, a download that cannot fit. Resume spools (partial/) count against
+        the quota and the disk, but idle ones are dropped, oldest first, before anything is refused."""
         engine, quota = self.engine, self.engine.settings.max_size
         if quota is not None:
             floor = await asyncio.to_thread(unevictable_bytes, engine)
-            if floor + announced > quota:
+            spools = await asyncio.to_thread(engine.spool_bytes)
+            if floor + spools + announced > quota:
+                spools -= await asyncio.to_thread(engine.free_spools, floor + spools + announced - quota)
+            if floor + spools + announced > quota:
                 raise QuotaExceeded(
                     f"the archive alone is {human_bytes(announced)}, and the quota of {human_bytes(quota)} holds "
-                    f"{human_bytes(floor)} of pinned or recently used models; nothing was evicted",
+                    f"{human_bytes(floor)} of pinned or recently used models and {human_bytes(spools)} of "
+                    "downloads in progress; nothing was evicted",
                     "an admin can raise the quota (--max-size / HUBD_MAX_SIZE) or unpin models",
                 )
         free = shutil.disk_usage(engine.store.staging).free
+        wanted = 2 * announced  # its staging, and its own spool beside it
+        if free < wanted and await asyncio.to_thread(engine.free_spools, wanted - free) > 0:
+            free = shutil.disk_usage(engine.store.staging).free
         if free < announced:
             raise DiskFull(
                 f"the disk holding the cache is full: {human_bytes(free)} free, and the archive alone is "

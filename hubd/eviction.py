@@ -247,6 +247,9 @@ class GcReport:
     fits: bool = True
     """False when the quota could not be reached even by evicting everything evictable (nothing was, then, when
     `collect` was asked to evict only if that makes the cache fit)."""
+    spools_dropped: int = 0
+    """Resume spools of abandoned downloads (partial/) that `hubd gc` dropped (Engine.gc, not `collect`)."""
+    spool_bytes_freed: int = 0
 
 
 def collect(

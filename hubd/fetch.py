@@ -143,6 +143,124 @@ class _SpoolWriter:
         os.close(self._fd)
 
 
+SPOOLS_PER_UID = 2
+"""Resume spools one uid's abandoned downloads may keep: a new one drops that uid's oldest beyond it."""
+
+_SPOOL_SUFFIXES = (".part", ".json", ".tmp")
+_SIDECAR_ROOM = 4096
+"""Bytes counted for a spool's sidecar (and its temp file) against the cap."""
+_spool_lock = threading.Lock()
+_active: dict[Path, dict[str, tuple[int | None, int]]] = {}
+"""Spools being written or replayed in this process: directory -> key -> (uid, the most bytes it may hold).
+Trimming never drops them, and their allowance counts against the cap before they reach it."""
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """One resume spool on disk (its part, sidecar and any leftover temp file)."""
+
+    key: str
+    uid: int | None
+    size: int
+    mtime: float
+
+
+def list_spools(directory: Path) -> list[SpoolFile]:
+    """Every spool under `directory`, oldest (by mtime) first; stray files count as spools of their own."""
+    groups: dict[str, list[os.stat_result]] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        key = name.rsplit(".", 1)[0] if name.endswith(_SPOOL_SUFFIXES) else name
+        with suppress(FileNotFoundError):
+            groups.setdefault(key, []).append((directory / name).lstat())
+    spools = []
+    for key, stats in groups.items():
+        uid: int | None = None
+        with suppress(OSError, ValueError, TypeError, AttributeError):
+            raw = json.loads((directory / f"{key}.json").read_text()).get("uid")
+            uid = raw if isinstance(raw, int) else None
+        spools.append(SpoolFile(key, uid, sum(st.st_size for st in stats), max(st.st_mtime for st in stats)))
+    return sorted(spools, key=lambda spool: (spool.mtime, spool.key))
+
+
+def _remove_spool(directory: Path, key: str) -> None:
+    for name in (key, *(f"{key}{suffix}" for suffix in _SPOOL_SUFFIXES)):
+        with suppress(FileNotFoundError, IsADirectoryError):
+            (directory / name).unlink()
+
+
+def trim_spools(
+    directory: Path,
+    *,
+    max_age: float | None = None,
+    max_bytes: int | None = None,
+    want: int = 0,
+    uid: int | None = None,
+    per_uid: int | None = None,
+    free: int = 0,
+    everything: bool = False,
+    dry_run: bool = False,
+) -> list[SpoolFile]:
+    """Drop spools no download of this process is using, oldest first: those older than `max_age`; `uid`'s
+    beyond `per_uid` - 1 (room for one more); enough that the rest, what running spools may still write and
+    `want` more bytes fit in `max_bytes`; enough to free `free` bytes; or, with `everything`, all of them.
+    Returns what was (or, with `dry_run`, would be) dropped."""
+    with _spool_lock:
+        return _trim(directory, max_age, max_bytes, want, uid, per_uid, everything, dry_run, None, free)
+
+
+def _trim(
+    directory: Path,
+    max_age: float | None,
+    max_bytes: int | None,
+    want: int,
+    uid: int | None,
+    per_uid: int | None,
+    everything: bool,
+    dry_run: bool,
+    exclude: str | None,
+    free: int = 0,
+) -> list[SpoolFile]:
+    active = _active.get(directory, {})
+    idle = [spool for spool in list_spools(directory) if spool.key not in active and spool.key != exclude]
+    cutoff = time.time() - max_age if max_age is not None else None
+    drop = [s for s in idle if everything or (cutoff is not None and s.mtime < cutoff)]
+    keep = [s for s in idle if s not in drop]
+    if per_uid is not None:
+        busy = sum(1 for owner, _limit in active.values() if owner == uid)
+        mine = [s for s in keep if s.uid == uid]
+        excess = len(mine) + busy + 1 - per_uid
+        for spool in mine[: max(0, excess)]:
+            drop.append(spool)
+            keep.remove(spool)
+    if max_bytes is not None:
+        reserved = sum(limit for _owner, limit in active.values()) + want
+        total = sum(s.size for s in keep)
+        while keep and total + reserved > max_bytes:
+            spool = keep.pop(0)
+            drop.append(spool)
+            total -= spool.size
+    freed = sum(s.size for s in drop)
+    while keep and freed < free:
+        spool = keep.pop(0)
+        drop.append(spool)
+        freed += spool.size
+    if not dry_run:
+        for spool in drop:
+            _remove_spool(directory, spool.key)
+    return drop
+
+
+def _room_left(directory: Path, max_bytes: int, exclude: str) -> int:
+    """Bytes the cap leaves for spool `exclude`, besides the others on disk and what running spools may write."""
+    active = _active.get(directory, {})
+    others = sum(s.size for s in list_spools(directory) if s.key not in active and s.key != exclude)
+    return max_bytes - others - sum(limit for key, (_o, limit) in active.items() if key != exclude)
+
+
 class ResumeSpool:
     """The compressed bytes of one handle's download so far, written beside the streaming extraction.
 
@@ -151,14 +269,64 @@ class ResumeSpool:
     extraction at disk speed (hash states cannot be saved, so the bytes are hashed again) and asks only for the
     rest, with If-Range so a changed upstream answers with the whole new file. Only one download of a handle runs
     at a time (the engine's per-handle flock), so the files need no lock of their own. Only servers that accept
-    ranges and give a validator are spooled: nothing could be resumed from the others."""
+    ranges and give a validator are spooled: nothing could be resumed from the others.
 
-    def __init__(self, directory: Path, key: str, url: str) -> None:
+    Spools are bounded (`max_bytes` in all, `per_uid` per uid, `max_age`): starting or reopening one first drops
+    the oldest idle ones beyond those caps, and a spool never writes past what the cap leaves it (what it holds
+    then is still a prefix of the body, resumable)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: str,
+        url: str,
+        uid: int | None = None,
+        max_bytes: int | None = None,
+        per_uid: int | None = None,
+        max_age: float | None = None,
+    ) -> None:
         self.directory = directory
+        self.key = key
         self.data = directory / f"{key}.part"
         self.sidecar = directory / f"{key}.json"
         self.url = url
+        self.uid = uid
+        self.max_bytes = max_bytes
+        self.per_uid = per_uid
+        self.max_age = max_age
         self._writer: _SpoolWriter | None = None
+        self._limit: int | None = None
+        self._written = 0
+
+    def _claim(self, length: int, total: int | None) -> bool:
+        """Under the lock: drop idle spools beyond the caps and register this one as running, allowed up to the
+        cap's room (False: no room for it, or its uid already runs `per_uid` spools)."""
+        active = _active.setdefault(self.directory, {})
+        active.pop(self.key, None)
+        want = max(total or 0, length) + _SIDECAR_ROOM
+        _trim(self.directory, self.max_age, self.max_bytes, want, self.uid, self.per_uid, False, False, self.key)
+        if self.per_uid is not None and sum(1 for o, _l in active.values() if o == self.uid) >= self.per_uid:
+            return False
+        if self.max_bytes is None:
+            active[self.key] = (self.uid, 0)
+            self._limit = None
+            return True
+        room = self._room() if total is None else min(want, self._room())
+        limit = room - _SIDECAR_ROOM  # the part's own bytes: the sidecar is counted too
+        if limit <= 0 or limit < length:
+            return False
+        active[self.key] = (self.uid, room)
+        self._limit = limit
+        return True
+
+    def _room(self) -> int:
+        assert self.max_bytes is not None
+        return _room_left(self.directory, self.max_bytes, self.key)
+
+    def _release(self) -> None:
+        with _spool_lock:
+            active = _active.get(self.directory, {})
+            active.pop(self.key, None)
 
     def load(self) -> SpoolState | None:
         """The spool an earlier download of the same URL left, or None (and whatever else was there is dropped)."""
@@ -172,30 +340,51 @@ class ResumeSpool:
         if state.url != self.url or not state.length or (state.total is not None and state.length > state.total):
             self.discard()
             return None
+        with _spool_lock:  # being replayed: no trim may drop it meanwhile
+            _active.setdefault(self.directory, {})[self.key] = (self.uid, state.length)
         return state
 
     def begin(self, state: SpoolState) -> None:
-        """Start a new spool for a fresh (HTTP 200) body."""
+        """Start a new spool for a fresh (HTTP 200) body, if the caps leave room for one."""
         self.discard()
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        payload = {"url": state.url, "resume_url": state.resume_url, "validator": state.validator}
-        temp = self.sidecar.with_suffix(".tmp")
-        temp.write_text(json.dumps({**payload, "total": state.total}))
-        os.replace(temp, self.sidecar)
-        fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with _spool_lock:
+            if not self._claim(0, state.total):
+                return  # the download goes on without a spool
+            payload = {"url": state.url, "resume_url": state.resume_url, "validator": state.validator}
+            temp = self.sidecar.with_suffix(".tmp")
+            temp.write_text(json.dumps({**payload, "total": state.total, "uid": self.uid}))
+            os.replace(temp, self.sidecar)
+            fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._written = 0
         self._writer = _SpoolWriter(fd)
 
-    def reopen(self, length: int) -> None:
+    def reopen(self, length: int, total: int | None = None) -> None:
         """Append to an existing spool from `length` on (what was replayed into the extraction)."""
         self.close()
-        fd = os.open(self.data, os.O_WRONLY | os.O_CLOEXEC)
+        with _spool_lock:
+            claimed = self._claim(length, total)
+            try:
+                fd = os.open(self.data, os.O_WRONLY | os.O_CLOEXEC) if claimed else -1
+            except FileNotFoundError:
+                fd = -1
+        if fd < 0:
+            self.discard()  # no room left for it (or it is gone): the download goes on without a spool
+            return
         os.ftruncate(fd, length)
         os.lseek(fd, length, os.SEEK_SET)
+        self._written = length
         self._writer = _SpoolWriter(fd)
 
     async def write(self, chunk: bytes) -> None:
-        if self._writer is not None:
-            await self._writer.put(chunk)
+        if self._writer is None:
+            return
+        if self._limit is not None:
+            chunk = chunk[: max(0, self._limit - self._written)]  # never past the cap: a prefix still resumes
+            if not chunk:
+                return
+        self._written += len(chunk)
+        await self._writer.put(chunk)
 
     def open_part(self) -> BinaryIO:
         return open(self.data, "rb")
@@ -204,6 +393,7 @@ class ResumeSpool:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+        self._release()
 
     def discard(self) -> None:
         self.close()
@@ -323,7 +513,7 @@ class Download:
                 if self._complete:
                     break
         self._result.replayed = self._received
-        spool.reopen(self._received)
+        spool.reopen(self._received, self._total)
         if self._total is not None and self._received >= self._total:
             self._complete = True  # cut after the last byte arrived: nothing left to ask for
 

@@ -59,6 +59,8 @@ class GcResponse(_Strict):
     size_before: int
     size_after: int
     fits: bool = Field(True, description="False when even evicting everything evictable misses the quota.")
+    spools_dropped: int = Field(0, description="Resume spools of abandoned downloads (partial/) dropped.")
+    spool_bytes_freed: int = Field(0, description="Bytes those spools held.")
 
 
 class Upstream(_Strict):
