@@ -13,6 +13,7 @@ Neither side ever holds a whole bundle (or a whole file) in memory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -539,21 +540,29 @@ class LoopWriter(io.RawIOBase):
     """Blocking writes from a worker thread, sent by an event loop (a streamed response); each waits for its
     send, so a slow reader slows the writer down instead of filling memory."""
 
-    def __init__(self, write: Callable[[bytes], Awaitable[None]], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], Awaitable[None]],
+        loop: asyncio.AbstractEventLoop,
+        stall: float | None = None,
+    ) -> None:
         self._write = write
         self._loop = loop
+        self._stall = EXPORT_STALL_SECONDS if stall is None else stall
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        _on_loop(self._write(chunk), self._loop, "the client read nothing of the bundle")
+        _on_loop(self._write(chunk), self._loop, "the client read nothing of the bundle", self._stall)
         return len(chunk)
 
 
 STALL_SECONDS = 300.0
 """How long a bundle's transfer may stand still before it is given up (and its worker thread freed)."""
+EXPORT_STALL_SECONDS = 60.0
+"""The same for an export, whose client only has to read: an unread export frees its export thread sooner."""
 
 
 class Stalled(HubdError):
@@ -561,13 +570,17 @@ class Stalled(HubdError):
     http_status = 408
 
 
-def _on_loop(awaitable: Awaitable[T], loop: asyncio.AbstractEventLoop, what: str) -> T:
+def _on_loop(
+    awaitable: Awaitable[T], loop: asyncio.AbstractEventLoop, what: str, stall: float = STALL_SECONDS
+) -> T:
     future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop)
     try:
-        return future.result(timeout=STALL_SECONDS)
-    except TimeoutError:
+        return future.result(timeout=stall)
+    except (TimeoutError, concurrent.futures.CancelledError):
+        # Not the caller's cancellation: a stalled send given up (its CancelledError must not reach the loop,
+        # where it would read as the request handler being cancelled).
         future.cancel()
-        raise Stalled(f"{what} for {STALL_SECONDS:g} s; the transfer was given up", "try again") from None
+        raise Stalled(f"{what} for {stall:g} s; the transfer was given up", "try again") from None
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:

@@ -8,6 +8,8 @@ publishing). Each kind of work here has its own pool, sized for it:
   many clients resolving one model at once share one check;
 - `HASHING`: full re-hashes (verify), CPU-bound: as many as there are cores, the rest queue;
 - `WAITS`: waits that can last (a flock another process holds, the gc lock) and the work done under them;
+- `EXPORTS`: writing bundles for `GET /v1/export`, paced by clients that may never read (at most 2 per uid,
+  see routes.py): they never take the `WAITS` threads that lock waits and DELETE need;
 - `PARSING`: parsing and validating request bodies (up to 4 MB of JSON or TOML: seconds of CPU), one at a time:
   tomllib is pure Python and holds the GIL in 5 ms slices, so two parsing threads left the event loop too few
   (/v1/health took 0.5-0.8 s); with one it stays well under that and other bodies queue.
@@ -27,6 +29,7 @@ T = TypeVar("T")
 HIT_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hubd-hit")
 HASHING = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="hubd-hash")
 WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hubd-wait")
+EXPORTS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hubd-export")
 PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-parse")
 
 _running: dict[Hashable, asyncio.Future[Any]] = {}

@@ -468,3 +468,44 @@ def test_a_stream_nobody_reads_is_closed_and_releases_its_work(settings: Setting
         assert 100_000 < len(received) < 1_000_000
     finally:
         daemon.stop()
+
+
+def test_unread_exports_are_capped_per_user_and_keep_off_the_lock_wait_threads(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Red team #10: one uid's 64 unread exports held every WAITS thread for 300 s (other exports got no byte,
+    DELETE timed out). Now: 2 per uid (429 beyond), in their own pool, given up after 12 heartbeats."""
+    from urllib.parse import quote
+
+    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_STREAM_HEARTBEAT": "0.1"})
+    try:
+        handle = tfhub(upstream.publish("large_4mb"))
+        other = daemon.request("POST", "/v1/resolve", {"handle": tfhub(upstream.publish("reusable"))}).json()
+        assert daemon.request("POST", "/v1/resolve", {"handle": handle}).status == 200
+        export = f"/v1/export?handle={quote(handle, safe='')}"
+        unread = []
+        for _ in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(str(daemon.socket_path))
+            s.sendall(f"GET {export} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            unread.append(s)
+        deadline = time.monotonic() + 30
+        while True:  # both exports running (their thread is waiting for the client to read)
+            third = daemon.request("GET", export)
+            if third.status == 429:
+                break
+            assert third.status == 200 and time.monotonic() < deadline
+        assert third.json()["error"]["code"] == "too_many_exports" and "try again" in third.json()["error"]["hint"]
+        started = time.monotonic()
+        deleted = daemon.request("DELETE", f"/v1/models/{other['id']}")
+        assert deleted.status == 200 and time.monotonic() - started < 5  # the lock-wait pool is free
+        while daemon.log().count("broken off") < 2:  # given up after 1.2 s of nothing read
+            assert time.monotonic() < deadline, "the unread exports were never given up"
+            assert daemon.request("GET", "/v1/health").status == 200
+        whole = daemon.request("GET", export)
+        assert whole.status == 200 and len(whole.body) > 4_000_000  # the slots are free again
+        for s in unread:
+            s.close()
+    finally:
+        daemon.stop()

@@ -20,7 +20,7 @@ from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
 from hubd.errors import BadHandle, BadRequest, HubdError
 from hubd.eviction import gc_lock
-from hubd.executors import PARSING, WAITS, run_in
+from hubd.executors import EXPORTS, PARSING, WAITS, run_in
 from hubd.manifest import Manifest, ManifestEntry, ManifestProblems, parse_manifest, validate
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
@@ -428,19 +428,52 @@ async def export_bundle(request: web.Request) -> web.StreamResponse:
         _remote_only(handle)
         digests.append((await engine.resolve(handle, sha256=sha256, uid=_uid(request))).id)
     header = await asyncio.to_thread(bundle.plan_export, engine, digests)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
-    await response.prepare(request)
-    out = io.BufferedWriter(bundle.LoopWriter(response.write, asyncio.get_running_loop()), 1 << 20)
+    who = _uid(request)
+    exporting = request.app[EXPORTING]
+    key = who if who is not None else request.remote
+    if exporting.get(key, 0) >= EXPORTS_PER_USER:
+        raise TooManyExports(
+            f"{EXPORTS_PER_USER} exports of yours are already running",
+            "wait for one to end (or read the ones you started), then try again",
+        )
+    exporting[key] = exporting.get(key, 0) + 1
     try:
-        await run_in(WAITS, _write_bundle, engine, header, out)
-    except (HubdError, OSError, ConnectionError, RuntimeError) as exc:
-        log.warning("export of %s broken off: %s", ", ".join(handles), exc)
-        if request.transport is not None:
-            request.transport.abort()  # the client sees an incomplete body, never a truncated bundle as whole
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        await response.prepare(request)
+        heartbeat = engine.settings.stream_heartbeat
+
+        async def send(data: bytes) -> None:  # on the loop: a client that reads nothing is cut off there
+            if not await _write_or_give_up(request, response, data, heartbeat):
+                raise ConnectionResetError("the client is gone: it read nothing, or hung up")
+
+        # The thread's own limit is a backstop, longer than the loop's: it never cancels a write itself.
+        writer = bundle.LoopWriter(send, asyncio.get_running_loop(), STALLED_WRITES * heartbeat + 10)
+        out = io.BufferedWriter(writer, 1 << 20)
+        try:
+            await run_in(EXPORTS, _write_bundle, engine, header, out)
+        except (HubdError, OSError, ConnectionError, RuntimeError) as exc:
+            log.warning("export of %s broken off: %s", ", ".join(handles), exc)
+            if request.transport is not None:
+                request.transport.abort()  # the client sees an incomplete body, never a truncated bundle as whole
+            return response
+        await _write_or_give_up(request, response, None, engine.settings.stream_heartbeat)
         return response
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await response.write_eof()
-    return response
+    finally:
+        exporting[key] -= 1
+        if not exporting[key]:
+            del exporting[key]
+
+
+EXPORTS_PER_USER = 2
+"""Exports one uid (or one TCP peer) may have running at once; more get 429. With the pool's 8 threads, one user's
+unread exports hold 2 for at most STALLED_WRITES heartbeats (60 s), never the threads everyone else needs."""
+EXPORTING = web.AppKey("exporting", dict)
+"""Running exports, by uid (or TCP peer address)."""
+
+
+class TooManyExports(HubdError):
+    code = "too_many_exports"
+    http_status = 429
 
 
 def _write_bundle(engine: Engine, header: bundle.BundleHeader, out: io.BufferedWriter) -> None:
@@ -515,6 +548,7 @@ async def _shared(app: web.Application, key: Hashable, start: Callable[[], Await
 
 def add_routes(app: web.Application) -> None:
     app[RUNNING] = {}
+    app[EXPORTING] = {}
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/resolve", resolve)
     app.router.add_post("/v1/pull", pull)
