@@ -13,6 +13,7 @@ still the one opened and still an SQLite database.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -93,19 +94,41 @@ class Index:
         self._flushed = time.monotonic()
 
     def _open(self) -> tuple[diskcache.Cache, tuple[int, int] | None]:
-        """Open the database; one in another format (an older hubd's pickles), or broken, is started afresh."""
+        """Open the database; one in another format (an older hubd's pickles), or broken, is started afresh.
+
+        Deciding to start afresh happens under a flock: processes opening a new cache at once (eight `hubd pull`s)
+        must not delete the database another of them has just created and is using."""
+        opened = self._open_current()
+        if opened is not None:
+            return opened
+        fd = os.open(self.store.lock_path("index-open"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            opened = self._open_current(claim_empty=True)
+            if opened is not None:
+                return opened
+            shutil.rmtree(self.path, ignore_errors=True)
+            cache = self._connect()
+            cache.set(_FORMAT, INDEX_FORMAT)
+            return cache, self._file_identity()
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _open_current(self, claim_empty: bool = False) -> tuple[diskcache.Cache, tuple[int, int] | None] | None:
+        """The database if it is in this format (or, with `claim_empty`, empty: then marked as ours), else None."""
         try:
             cache = self._connect()
-            if cache.get(_FORMAT) == INDEX_FORMAT:
+            marker = cache.get(_FORMAT)
+            if marker == INDEX_FORMAT:
                 cache.get(_BUILT)
+                return cache, self._file_identity()
+            if claim_empty and marker is None and len(cache) == 0:
+                cache.set(_FORMAT, INDEX_FORMAT)
                 return cache, self._file_identity()
             cache.close()
         except _BROKEN:
             pass
-        shutil.rmtree(self.path, ignore_errors=True)
-        cache = self._connect()
-        cache.set(_FORMAT, INDEX_FORMAT)
-        return cache, self._file_identity()
+        return None
 
     def _connect(self) -> diskcache.Cache:
         return diskcache.Cache(str(self.path), disk=_DataDisk, eviction_policy="none", size_limit=2**50)
