@@ -207,3 +207,100 @@ def test_hubd_ls_against_a_silent_daemon_exits_with_an_error_within_seconds(
     assert result.returncode == 1, result
     assert result.stderr.startswith("hubd: error: the hubd daemon at"), result.stderr
     assert "sent nothing for 1 s" in result.stderr and "HUBD_CLIENT_TIMEOUT" in result.stderr
+
+
+# -- a daemon that answers, but wrongly (red team #10 item 5) -------------------------------------------------
+
+
+class CannedDaemon:
+    """Answers every request with `head`, then `body`, then (with `keepalive`) a blank line every 50 ms for
+    as long as the client listens."""
+
+    def __init__(self, path: Path, head: bytes, body: bytes, keepalive: bool = False) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.path, self.head, self.body, self.keepalive = path, head, body, keepalive
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    _read_request(conn)
+                    conn.sendall(self.head + self.body)
+                    while self.keepalive:
+                        conn.sendall(b"\n")
+                        time.sleep(0.05)  # pacing the keep-alives, as the daemon's heartbeat does
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """The whole request (line, headers and body), so answering never meets a client still sending."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"),
+        0,
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
+
+
+def test_a_stream_of_keep_alives_alone_is_a_stuck_daemon_after_the_stall_limit(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep-alives used to reset the idle limit for ever: a stuck daemon held resolve with no fallback."""
+    from hubd_client import transport
+
+    settings.cache_dir.mkdir(parents=True)
+    stuck = CannedDaemon(tmp_path / "stuck.sock", STREAM_HEAD, b'{"event":"progress"}\n', keepalive=True)
+    try:
+        _client_env(monkeypatch, stuck.path, settings.cache_dir, HUBD_CLIENT_IDLE_TIMEOUT="60")
+        monkeypatch.setattr(transport, "STALL_TIMEOUT", 1.0)
+        started = time.monotonic()
+        with pytest.raises(DaemonUnavailable) as caught:
+            hubd_client.resolve("https://tfhub.dev/google/never-cached/1")
+        assert 1 <= time.monotonic() - started < 10
+        assert caught.value.code == "daemon_not_answering" and "only keep-alives" in caught.value.message
+    finally:
+        stuck.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "what"),
+    [
+        (STREAM_HEAD, b"<html>not hubd</html>\n", "not JSON"),
+        (STREAM_HEAD, b"{" + b" " * (2 << 20) + b"}\n", "longer than"),
+        (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 8\r\nConnection: close\r\n\r\n", b"<h1>502!", "not JSON"),
+    ],
+    ids=["html-stream", "huge-line", "html-error"],
+)
+def test_an_answer_that_is_not_hubds_is_a_clear_error(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: bytes, body: bytes, what: str
+) -> None:
+    from hubd_client.errors import HubdClientError
+
+    settings.cache_dir.mkdir(parents=True)
+    odd = CannedDaemon(tmp_path / "odd.sock", head, body)
+    try:
+        _client_env(monkeypatch, odd.path, settings.cache_dir)
+        with pytest.raises(HubdClientError) as caught:
+            hubd_client.resolve("https://tfhub.dev/google/never-cached/1")
+        assert caught.value.code == "bad_answer" and what in caught.value.message
+        assert len(str(caught.value)) < 1000
+    finally:
+        odd.close()

@@ -3,7 +3,10 @@
 Every wait is bounded, so a daemon that accepts but never answers costs seconds, not an hour: connecting
 (HUBD_CLIENT_CONNECT_TIMEOUT, 2 s), the first byte of an answer (HUBD_CLIENT_TIMEOUT, 10 s), and the silence
 between two lines of a progress stream (HUBD_CLIENT_IDLE_TIMEOUT, 60 s; the daemon sends a blank line every few
-seconds while a fetch is busy, so a long download never comes near it).
+seconds while a fetch is busy, so a long download never comes near it). A stream that sends nothing but those
+blank lines for STALL_TIMEOUT (600 s) is a stuck daemon: `NotAnswering`, so `resolve` falls back to the cache.
+Answers are bounded too: a stream line longer than MAX_LINE, or an answer that is not JSON, is a clear
+`HubdClientError` ("bad_answer"), never a bare JSONDecodeError.
 """
 
 from __future__ import annotations
@@ -12,16 +15,22 @@ import http.client
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hubd_client.errors import HubdClientError
 from hubd_client.paths import UntrustedSocket, client_sockets, connect_checked
 
 #: Defaults of the client's time limits, in seconds (each read from the environment at every request).
 CONNECT_TIMEOUT = 2.0
 FIRST_BYTE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
+#: How long a progress stream may send only keep-alive lines (no event) before the daemon counts as stuck.
+STALL_TIMEOUT = 600.0
+#: The longest line of a progress stream the client reads (an event is a few KiB).
+MAX_LINE = 1 << 20
 
 
 def _seconds(name: str, default: float) -> float:
@@ -94,12 +103,36 @@ def _connections(connect_timeout: float, first_byte: float) -> list[http.client.
 
 
 def _last_event(response: http.client.HTTPResponse) -> Any:
-    """Read an NDJSON stream to its end; its last event (blank lines are the daemon's keep-alives)."""
+    """Read an NDJSON stream to its end; its last event (blank lines are the daemon's keep-alives).
+
+    Keep-alives alone for STALL_TIMEOUT seconds: `NotAnswering`. A line over MAX_LINE: `HubdClientError`.
+    """
     last: Any = {}
-    for line in response:
+    event_at = time.monotonic()
+    while line := response.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE:
+            raise _bad_answer(f"a line of its progress stream is longer than {MAX_LINE} bytes")
         if line.strip():
-            last = json.loads(line)
+            last = _json(line)
+            event_at = time.monotonic()
+        elif time.monotonic() - event_at > STALL_TIMEOUT:
+            raise NotAnswering(f"only keep-alives, no progress, for {STALL_TIMEOUT:g} s")
     return last
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError
+        raise _bad_answer(f"its answer is not JSON: {data[:80]!r}") from None
+
+
+def _bad_answer(what: str) -> HubdClientError:
+    return HubdClientError(
+        "bad_answer",
+        f"the hubd daemon at {where()} answered nonsense: {what}",
+        "is HUBD_URL / HUBD_SOCKET a hubd?",
+    )
 
 
 def request(method: str, path: str, body: Any = None, stream: bool = False) -> tuple[int, Any]:
@@ -161,4 +194,4 @@ def _request(
         raise NotAnswering(f"the connection closed in the middle of an answer: {exc}") from None
     finally:
         connection.close()
-    return response.status, json.loads(data) if data else {}
+    return response.status, _json(data) if data else {}
