@@ -7,6 +7,7 @@ publish -> refs + index -> Entry. The CLI, the daemon and the tests all drive th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -16,6 +17,7 @@ import os
 import shutil
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -91,6 +93,26 @@ class _Flight:
                 self.listeners.remove(listener)
 
 
+class _MetaCache(OrderedDict[str, ObjectMeta]):
+    """The metas read last, at most MAX_ENTRIES (one of a 150,000-file model is 17 MB of JSON): least recently
+    used out first. Written on the event loop; `recent` tolerates a key another thread just dropped."""
+
+    MAX_ENTRIES = 1024
+
+    def recent(self, digest: str) -> ObjectMeta | None:
+        meta = self.get(digest)
+        if meta is not None:
+            with contextlib.suppress(KeyError):
+                self.move_to_end(digest)
+        return meta
+
+    def __setitem__(self, digest: str, meta: ObjectMeta) -> None:
+        super().__setitem__(digest, meta)
+        self.move_to_end(digest)
+        while len(self) > self.MAX_ENTRIES:
+            self.popitem(last=False)
+
+
 class RefConflict(HubdError):
     """A handle already names another verified model: a cached handle never silently changes what it loads."""
 
@@ -133,7 +155,7 @@ class Engine:
         self.catalog = Catalog(settings.cache_dir, fsync=settings.fsync)
         """Who asked for each model, and the aliases manifests give models."""
         self.audit = AuditLog(settings.cache_dir, fsync=settings.fsync)
-        self._meta_cache: dict[str, ObjectMeta] = {}
+        self._meta_cache = _MetaCache()
         self.view = TfhubView(self.store) if settings.tfhub_view else None
         self.stats: dict[str, float] = {
             "hits": 0,
@@ -675,7 +697,7 @@ class Engine:
     # -- inspection and maintenance -------------------------------------------------------------------
 
     def _meta(self, digest: str) -> ObjectMeta | None:
-        meta = self._meta_cache.get(digest)
+        meta = self._meta_cache.recent(digest)
         if meta is None:
             meta = self.store.read_meta(digest)
             if meta is not None:

@@ -293,8 +293,9 @@ def _model_id(request: web.Request) -> str:
 
 async def get_model(request: web.Request) -> web.Response:
     engine = _engine(request)
-    meta = engine.find(_model_id(request))
-    return json_response(engine.entry_for(meta))
+    model_id = _model_id(request)
+    # A large model's meta is megabytes of JSON (17 MB for 150,000 files: 0.6 s to parse): off the event loop.
+    return json_response(await asyncio.to_thread(lambda: engine.entry_for(engine.find(model_id))))
 
 
 async def delete_model(request: web.Request) -> web.Response:
@@ -318,7 +319,7 @@ async def unpin(request: web.Request) -> web.Response:
     model_id = _model_id(request)
     request.app[ADMIN].check(request)
     engine = _engine(request)
-    digest = engine.find(model_id).digest
+    digest = (await asyncio.to_thread(engine.find, model_id)).digest
     names = await asyncio.to_thread(engine.unpin, digest, _uid(request))
     return json_response(Unpinned(id=digest, unpinned=names))
 
@@ -370,7 +371,7 @@ async def verify(request: web.Request) -> web.Response:
         request.app[ADMIN].check(request)  # re-hashing every model is heavy: anyone may check one, admins all
     engine = _engine(request)
     # Concurrent verifies of one model (or of all) share one run: asking twelve times costs one re-hash.
-    target = engine.find(body.handle).digest if body.handle is not None else None
+    target = (await asyncio.to_thread(engine.find, body.handle)).digest if body.handle is not None else None
     metrics = request.app[METRICS]
 
     def start() -> Awaitable[list[VerifyReport]]:
@@ -422,7 +423,7 @@ async def export_bundle(request: web.Request) -> web.StreamResponse:
     digests = []
     for handle, pin in zip(handles, pins or [""] * len(handles), strict=True):
         if _ID.match(handle):
-            digests.append(engine.find(handle).digest)
+            digests.append((await asyncio.to_thread(engine.find, handle)).digest)
             continue
         handle, sha256 = _expand_alias(engine, handle, pin or None)
         _remote_only(handle)
