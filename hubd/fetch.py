@@ -174,8 +174,11 @@ def list_spools(directory: Path) -> list[SpoolFile]:
         return []
     for name in names:
         key = name.rsplit(".", 1)[0] if name.endswith(_SPOOL_SUFFIXES) else name
-        with suppress(FileNotFoundError):
-            groups.setdefault(key, []).append((directory / name).lstat())
+        try:
+            stat = (directory / name).lstat()
+        except FileNotFoundError:  # removed since the listing (a spool dropped or published meanwhile)
+            continue
+        groups.setdefault(key, []).append(stat)
     spools = []
     for key, stats in groups.items():
         uid: int | None = None

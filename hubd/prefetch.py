@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 
@@ -12,6 +13,8 @@ from hubd.engine import Engine
 from hubd.errors import HubdError
 from hubd.events import DoneEvent, ErrorDetail, ErrorEvent, ProgressEvent, SummaryEvent
 from hubd.manifest import ManifestEntry
+
+log = logging.getLogger("hubd.prefetch")
 
 
 async def resolve_many(
@@ -59,6 +62,16 @@ async def resolve_many(
                 done += 1
             except HubdError as exc:
                 failure = ErrorEvent(event="error", handle=item.handle, error=ErrorDetail(**exc.as_dict()))
+                failures.append(failure)
+                events.put_nowait(failure)
+            except Exception as exc:  # a bug: the stream still ends with an error event, never hangs its client
+                log.exception("unexpected error resolving %s", item.handle)
+                detail = ErrorDetail(
+                    code="internal_error",
+                    message=f"hubd failed unexpectedly resolving {item.handle}: {type(exc).__name__}",
+                    hint="see the daemon's log, and report it; trying again may work",
+                )
+                failure = ErrorEvent(event="error", handle=item.handle, error=detail)
                 failures.append(failure)
                 events.put_nowait(failure)
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -511,3 +512,25 @@ def test_prefetch_draws_one_bar_per_model_on_a_terminal(
     assert code == 0
     assert b"\x1b[1A\x1b[2K" in drawn and "━".encode() in drawn  # lines redrawn in place
     assert all(h[-20:].encode() in drawn for h in handles) and b"done" in drawn  # long handles: their end
+
+
+def test_an_unexpected_error_ends_the_stream_with_an_error_event(settings: Settings) -> None:
+    """Found by the 64-client load test: a bug in one resolve (a ValueError) escaped the NDJSON stream after its
+    headers were sent, and four clients waited for their 120 s timeout. Now the stream ends with an error event."""
+    import asyncio
+
+    from hubd.engine import Engine
+    from hubd.manifest import ManifestEntry
+    from hubd.prefetch import resolve_many
+
+    class Failing(Engine):
+        async def resolve(self, handle: str, *args: Any, **kwargs: Any) -> Any:
+            raise ValueError("max() arg is an empty sequence")
+
+    async def events() -> list[Any]:
+        engine = Failing(settings)
+        return [event async for event in resolve_many(engine, [ManifestEntry(handle="https://tfhub.dev/a/b/1")])]
+
+    streamed = asyncio.run(events())
+    assert [event.event for event in streamed] == ["error", "summary"]
+    assert streamed[0].error.code == "internal_error" and "ValueError" in streamed[0].error.message

@@ -248,3 +248,16 @@ def test_spools_filling_the_disk_do_not_refuse_another_users_fetch(
     reply = daemon.request("POST", "/v1/resolve", {"handle": f"https://tfhub.dev/{victim}"})
     assert reply.status == 200, reply.body  # idle spools were dropped to make room, oldest first
     assert _spool_bytes(settings) <= 16 * MiB
+
+
+def test_a_spool_file_removed_while_spools_are_listed_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the 64-client load test: a file listed, then removed by a publish before its lstat, made an empty
+    group and a 500 (`max()` of nothing). The race is made deterministic by listing a name that is already gone."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / ("a" * 32 + ".part")).write_bytes(b"x" * 10)
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: [*listdir(path), "b" * 32 + ".part", "b" * 32 + ".json"])
+    assert [(spool.key, spool.size) for spool in list_spools(partial)] == [("a" * 32, 10)]
