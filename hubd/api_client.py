@@ -215,27 +215,23 @@ class DaemonClient:
 
     async def import_bundle(self, path: Path) -> AsyncIterator[dict[str, Any]]:
         """POST /v1/import with the bundle's bytes as the body; yield the NDJSON events (one per entry)."""
-        try:
-            with open(path, "rb") as body:
-                async with self.session.post(
-                    f"{self.base}/v1/import",
-                    data=body,
-                    headers={"Content-Type": "application/x-tar"},
-                    timeout=self._timeout(self.idle),
-                ) as response:
-                    if response.status >= 400:
-                        raise error_from(await response.json(content_type=None))
-                    async for line in response.content:
-                        if line.strip():
-                            yield json.loads(line)
-        except TimeoutError:
-            raise self._not_answering(self.idle, "HUBD_CLIENT_IDLE_TIMEOUT") from None
+        with open(path, "rb") as body:
+            async for event in self.stream("/v1/import", raw=body, content_type="application/x-tar"):
+                yield event
 
-    async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
-        """POST and yield NDJSON events as they arrive (blank lines are the daemon's keep-alives)."""
+    async def stream(
+        self, path: str, body: Any = None, *, raw: Any = None, content_type: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """POST (`body` as JSON, or `raw` bytes or a file) and yield NDJSON events as they arrive (blank lines are
+        the daemon's keep-alives)."""
+        headers = {"Content-Type": content_type} if content_type else None
         try:
             async with self.session.post(
-                f"{self.base}{path}", json=body, timeout=self._timeout(self.idle)
+                f"{self.base}{path}",
+                json=body if raw is None else None,
+                data=raw,
+                headers=headers,
+                timeout=self._timeout(self.idle),
             ) as response:
                 if response.status >= 400:
                     raise error_from(await response.json(content_type=None))
