@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -152,6 +153,8 @@ class Engine:
         self._interactive_fetches = 0
         self._no_interactive_fetch = asyncio.Event()
         self._no_interactive_fetch.set()
+        self._nobody_waits = threading.Event()  # the same, for extractor threads
+        self._nobody_waits.set()
         self.catalog = Catalog(settings.cache_dir, fsync=settings.fsync)
         """Who asked for each model, and the aliases manifests give models."""
         self.audit = AuditLog(settings.cache_dir, fsync=settings.fsync)
@@ -290,6 +293,18 @@ class Engine:
         source = self.parse(handle)
         if source.kind == "local":
             return _local_entry(source)
+        async with self._waited_for(interactive):
+            return await self._resolve(source, sha256, on_progress, uid, offline, interactive)
+
+    async def _resolve(
+        self,
+        source: Source,
+        sha256: str | None,
+        on_progress: ProgressCallback | None,
+        uid: int | None,
+        offline: bool,
+        interactive: bool,
+    ) -> Entry:
         sha256 = sha256.lower() if sha256 else None
         started = time.monotonic()
         cached = await coalesced(
@@ -373,7 +388,7 @@ class Engine:
 
         started = time.monotonic()
         try:
-            async with user.slot(interactive), self._fetch_slots.slot(interactive), self._counted(flight):
+            async with user.slot(interactive), self._fetch_slots.slot(interactive):
                 return await self._fetch_locked(source, sha256, flight)
         except HubdError as exc:
             log.warning(
@@ -386,19 +401,22 @@ class Engine:
             raise
 
     @asynccontextmanager
-    async def _counted(self, flight: _Flight) -> AsyncIterator[None]:
-        """Count the interactive fetches running, for prefetches to yield to (see `_yield_to_interactive`)."""
-        counted = flight.interactive
-        if counted:
+    async def _waited_for(self, interactive: bool) -> AsyncIterator[None]:
+        """Count the interactive resolves under way, for prefetches to yield to (see `_yield_to_interactive`).
+        The whole resolve counts, not only its download: on a machine of few cores the hit check, the slot,
+        the lock and the reply all run on the loop and threads that a prefetch's chunks would otherwise fill."""
+        if interactive:
             self._interactive_fetches += 1
             self._no_interactive_fetch.clear()
+            self._nobody_waits.clear()
         try:
             yield
         finally:
-            if counted:
+            if interactive:
                 self._interactive_fetches -= 1
                 if self._interactive_fetches == 0:
                     self._no_interactive_fetch.set()
+                    self._nobody_waits.set()
 
     async def _yield_to_interactive(self) -> None:
         """Before each chunk of a prefetch: while someone waits for a model, hold back (up to PREFETCH_YIELD
@@ -409,6 +427,12 @@ class Engine:
             with suppress(TimeoutError):
                 async with asyncio.timeout(PREFETCH_YIELD):
                     await self._no_interactive_fetch.wait()
+
+    def _hold_back_extraction(self, flight: _Flight) -> None:
+        """In a prefetch's extractor thread, before each chunk: the chunks it has queued wait too (up to
+        PREFETCH_YIELD seconds each) while someone waits for a model."""
+        if not flight.interactive and not self._nobody_waits.is_set():
+            self._nobody_waits.wait(PREFETCH_YIELD)
 
     async def _fetch_locked(self, source: Source, sha256: str | None, flight: _Flight) -> Entry:
         flight.emit("waiting", 0, None)
@@ -450,7 +474,11 @@ class Engine:
         )
         try:
             sink = StreamingExtraction(
-                staging.tree, self.settings.max_extract_bytes, self.settings.max_members, self.settings.fsync
+                staging.tree,
+                self.settings.max_extract_bytes,
+                self.settings.max_members,
+                self.settings.fsync,
+                hold_back=lambda: self._hold_back_extraction(flight),
             )
             try:
                 download = Download(

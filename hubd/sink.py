@@ -11,6 +11,7 @@ import asyncio
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from hubd.extract import MAX_INFLATE_RATIO, TRAILING_ALLOWANCE, GzipReader, SafeExtractor, check_trailing
@@ -28,9 +29,18 @@ class StreamingExtraction:
     """Accepts archive chunks with `feed`, unpacks them into `dest` in a worker thread."""
 
     def __init__(
-        self, dest: Path, max_bytes: int, max_members: int, fsync: bool, max_ratio: int = MAX_INFLATE_RATIO
+        self,
+        dest: Path,
+        max_bytes: int,
+        max_members: int,
+        fsync: bool,
+        max_ratio: int = MAX_INFLATE_RATIO,
+        hold_back: Callable[[], None] | None = None,
     ) -> None:
+        """`hold_back`, when given, runs in the extractor thread before each chunk and may block a while: a
+        prefetch's chunks already queued would otherwise take the CPU that someone waiting for a model needs."""
         self.dest = dest
+        self._hold_back = hold_back
         self._limits = (max_bytes, max_members, fsync)
         self._max_ratio = max_ratio
         self._loop = asyncio.get_running_loop()
@@ -63,6 +73,8 @@ class StreamingExtraction:
             self._loop.call_soon_threadsafe(self._settle, manifest, None)
 
     def _next_chunk(self) -> bytes:
+        if self._hold_back is not None:
+            self._hold_back()
         chunk = self._queue.get()
         if chunk is None or chunk is _EOF:
             self._queue.put_nowait(chunk)  # sentinels stay put, so every reader thread sees them
