@@ -1,8 +1,15 @@
-"""A diskcache index of entries (names, digests, sizes, fetch and last-use times) for fast listing.
+"""A diskcache index of entries (summaries, names, last-use times, totals) for listing and status without
+scanning the store.
 
 It is derived, never the source of truth: refs and meta files in the store are. When the index is lost, or
 its database is corrupt, it is rebuilt from them; only `last_used` cannot be recovered and restarts at the
 fetch time. diskcache is SQLite underneath, so several processes may update it at once.
+
+Every row of an entry is tagged with its digest (diskcache's tag index), so everything about one entry (its
+summary, its last use, the names bound to it) is found and dropped with one indexed `evict(digest)`, never a
+scan of the keys; updates that touch several rows (a forget and the totals, a batch of last-use times) run in
+one transaction. Totals (entries, bytes, per-user usage) are kept in one row updated in those transactions, so
+`status` reads one row instead of every entry.
 
 Nothing the index does can fail a request. Every operation is guarded: a database error (corrupt, deleted,
 replaced, full disk) is logged once, the index is rebuilt from the files and the operation retried; if that
@@ -21,21 +28,31 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from typing import TypedDict, TypeVar
 
 import diskcache
 
 from hubd.store import FAULT_INJECTION, ObjectMeta, Store, fault_point
 
 _ENTRY = "entry:"
+"""entry:<digest> -> its Summary; tagged <digest>."""
 _NAME = "name:"
+"""name:<canonical> -> the digest it is bound to; tagged with that digest."""
 _USED = "used:"
+"""used:<digest> -> epoch seconds of its last use; tagged <digest>."""
+_TOTALS = "totals"
+"""{"entries": n, "size_bytes": s, "users": {"<uid>": [entries, size_bytes]}} over every summary."""
+_DONE = "done:"
+"""done:<job> -> when a one-off job (see `job_pending`) ran on this index; gone when the index is rebuilt."""
 _BUILT = "built"
 _FORMAT = "format"
-INDEX_FORMAT = 2
-"""The index's own format: 2 stores JSON values (_DataDisk); 1 (no marker) stored pickles. Another format
-than this one is thrown away and rebuilt from the files."""
+INDEX_FORMAT = 3
+"""The index's own format: 3 tags rows with their digest and keeps summaries with names and users, and totals;
+2 stored JSON values (_DataDisk) untagged; 1 (no marker) stored pickles. Another format than this one is thrown
+away and rebuilt from the files."""
+_BATCH = 1000
+"""Rows written per transaction while rebuilding: other processes' writes wait for at most one batch."""
 _FLUSH_SECONDS = 5.0
 _DB_FILE = "cache.db"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -83,18 +100,45 @@ class _DataDisk(diskcache.Disk):  # type: ignore[misc]
             raise UnsafeIndexRow("an index value that is not JSON") from None
 
 
+class Summary(TypedDict):
+    """What listing and status need of an entry, without reading its meta file (which holds the whole tree)."""
+
+    digest: str
+    archive_sha256: str
+    size_bytes: int
+    fetched_at: float
+    names: list[str]
+    users: list[int]
+
+
+class Totals(TypedDict):
+    entries: int
+    size_bytes: int
+    users: dict[str, list[int]]
+    """uid (as a string: JSON keys) -> [entries, size_bytes] of the entries that uid asked for."""
+
+
+def _no_totals() -> Totals:
+    return {"entries": 0, "size_bytes": 0, "users": {}}
+
+
 class Index:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, users_of: Callable[[str], Iterable[int]] | None = None) -> None:
+        """`users_of(digest)`: who asked for an entry (the catalog's record), read when rebuilding."""
         self.store = store
         self.path = store.root / "index"
+        self.users_of = users_of
         self._repair_lock = threading.Lock()
         self._generation = 0
         self._cache, self._identity = self._open()
         self._used: dict[str, float] = {}
         self._flushed = time.monotonic()
+        self.caught_up = False
+        """Whether opening it had to bring it up to date with the files (a rebuild, or a reconcile after a
+        crash): derived views (tfhub_modules/) may be behind too."""
 
     def _open(self) -> tuple[diskcache.Cache, tuple[int, int] | None]:
-        """Open the database; one in another format (an older hubd's pickles), or broken, is started afresh.
+        """Open the database; one in another format (an older hubd's), or broken, is started afresh.
 
         Deciding to start afresh happens under a flock: processes opening a new cache at once (eight `hubd pull`s)
         must not delete the database another of them has just created and is using."""
@@ -131,7 +175,9 @@ class Index:
         return None
 
     def _connect(self) -> diskcache.Cache:
-        return diskcache.Cache(str(self.path), disk=_DataDisk, eviction_policy="none", size_limit=2**50)
+        return diskcache.Cache(
+            str(self.path), disk=_DataDisk, eviction_policy="none", size_limit=2**50, tag_index=True
+        )
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -188,42 +234,82 @@ class Index:
                 self._generation += 1
                 old.close()
 
+    # -- keeping up with the files ----------------------------------------------------------------------
+
     def rebuild_if_needed(self) -> bool:
-        """Rebuild from the store when the index is new or was lost, else add what a crash left out (entries
-        published after the index was last written). Returns True if it rebuilt."""
+        """Rebuild from the store when the index is new or was lost, else check it against the files and add
+        what a crash left out. Returns True if it rebuilt.
+
+        The check costs one listing of meta/ and one row: the totals count every entry recorded, so a crash
+        between a publish (or a removal) and its index update shows as a count that differs from the files'.
+        Only then are the entries looked up one by one (`_reconcile`)."""
         if self._guarded("reading", lambda: self._cache.get(_BUILT), None, write=False):
-            self._guarded("reconciling", self._reconcile, None)
+            on_disk = self.store.meta_digests()
+            if self.totals()["entries"] != len(on_disk):
+                self.caught_up = True
+                self._guarded("reconciling", lambda: self._reconcile(on_disk), None)
             return False
         self.rebuild()
         return True
 
     def rebuild(self) -> None:
+        self.caught_up = True
         self._guarded("rebuilding", self._rebuild, None)
 
     def _rebuild(self) -> None:
         self._cache.clear()
         self._cache.set(_FORMAT, INDEX_FORMAT)
-        for meta in self.store.iter_meta():
-            self._record(meta)
-            self._cache.set(_USED + meta.digest, meta.fetched_at)
-        for ref in self.store.iter_refs():
-            self._cache.set(_NAME + ref.canonical, ref.digest)
+        bound: dict[str, list[str]] = {}
+        names = [(ref.canonical, ref.digest) for ref in self.store.iter_refs()]
+        for canonical, digest in names:
+            bound.setdefault(digest, []).append(canonical)
+        totals = _no_totals()
+        for batch in _batches(self.store.iter_meta(), _BATCH):
+            with self._cache.transact(retry=True):
+                for meta in batch:
+                    summary = self._summary(meta, bound.get(meta.digest, ()))
+                    self._cache.set(_ENTRY + meta.digest, summary, tag=meta.digest)
+                    self._cache.set(_USED + meta.digest, meta.fetched_at, tag=meta.digest)
+                    _count(totals, summary, 1)
+        for pairs in _batches(iter(names), _BATCH):
+            with self._cache.transact(retry=True):
+                for canonical, digest in pairs:
+                    self._cache.set(_NAME + canonical, digest, tag=digest)
+        self._cache.set(_TOTALS, totals)
         self._cache.set(_BUILT, time.time())
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, on_disk: Sequence[str]) -> None:
         """Entries the files have and the index lacks are added (a crash between a publish and its index
-        update), entries whose meta is gone are dropped. One directory listing and one key scan."""
-        on_disk = {p.stem for p in self.store.meta_dir.glob("*.json")}
-        indexed = {k[len(_ENTRY) :] for k in self._cache.iterkeys() if isinstance(k, str) and k.startswith(_ENTRY)}
-        for digest in on_disk - indexed:
-            meta = self.store.read_meta(digest)
-            if meta is not None:
-                self._record(meta)
-        for digest in indexed - on_disk:
-            self._cache.delete(_ENTRY + digest)
-        if on_disk - indexed:
-            for ref in self.store.iter_refs():
-                self._cache.set(_NAME + ref.canonical, ref.digest)
+        update), and the totals are counted again over the entries on disk. A row whose meta is gone (a crash
+        between a removal and its index update) stays until its digest is forgotten or published again: rows
+        cannot be listed without a scan, and listing goes by the files, so it is never shown."""
+        totals = _no_totals()
+        for batch in _batches(iter(on_disk), _BATCH):
+            with self._cache.transact(retry=True):
+                for digest in batch:
+                    summary = self._cache.get(_ENTRY + digest)
+                    if summary is None:
+                        meta = self.store.read_meta(digest)
+                        if meta is None:
+                            continue
+                        summary = self._summary(meta, meta.names)
+                        self._cache.set(_ENTRY + digest, summary, tag=digest)
+                        self._cache.add(_USED + digest, meta.fetched_at, tag=digest)
+                        for canonical in meta.names:
+                            self._cache.add(_NAME + canonical, digest, tag=digest)
+                    _count(totals, summary, 1)
+        self._cache.set(_TOTALS, totals)
+
+    def _summary(self, meta: ObjectMeta, names: Iterable[str]) -> Summary:
+        users = sorted(set(self.users_of(meta.digest))) if self.users_of is not None else []
+        return {
+            "digest": meta.digest,
+            "archive_sha256": meta.archive_sha256,
+            "size_bytes": meta.size_bytes,
+            "fetched_at": meta.fetched_at,
+            "names": list(dict.fromkeys([*meta.names, *names])),
+            "users": users,
+        }
 
     def migrate(self, renamed: dict[str, str]) -> None:
         """Rebuild after objects were renamed (old digest -> new), keeping their last-use times."""
@@ -236,38 +322,76 @@ class Index:
                     used[new] = float(when)
 
         def write() -> None:
-            for digest, when in used.items():
-                self._cache.set(_USED + digest, when)
+            with self._cache.transact(retry=True):
+                for digest, when in used.items():
+                    self._cache.set(_USED + digest, when, tag=digest)
 
         self._guarded("migrating", read, None, write=False)
         self.rebuild()
         self._guarded("migrating", write, None)
 
+    def job_pending(self, job: str) -> bool:
+        """Whether the one-off `job` (a clean-up of what an older hubd left) has yet to run on this index: it
+        runs again after a rebuild, which is when the files may hold what it cleans up."""
+        done = self._guarded("reading", lambda: self._cache.get(_DONE + job), None, write=False)
+        return done is None
+
+    def job_done(self, job: str) -> None:
+        self._guarded("recording a job", lambda: self._cache.set(_DONE + job, time.time()), None)
+
+    # -- writes -----------------------------------------------------------------------------------------
+
     def record(self, meta: ObjectMeta) -> None:
         def op() -> None:
             if FAULT_INJECTION:
                 fault_point("index", "before")
-            self._record(meta)
+            with self._cache.transact(retry=True):
+                previous: Summary | None = self._cache.get(_ENTRY + meta.digest)
+                summary = self._summary(meta, previous["names"] if previous else ())
+                if previous is not None:
+                    summary["users"] = previous["users"]
+                self._cache.set(_ENTRY + meta.digest, summary, tag=meta.digest)
+                self._cache.add(_USED + meta.digest, meta.fetched_at, tag=meta.digest)
+                if previous is None:
+                    self._change_totals(lambda totals: _count(totals, summary, 1))
 
         self._guarded("recording a published entry", op, None)
         if FAULT_INJECTION:
             fault_point("index", "after")
 
-    def _record(self, meta: ObjectMeta) -> None:
-        summary = {
-            "digest": meta.digest,
-            "archive_sha256": meta.archive_sha256,
-            "size_bytes": meta.size_bytes,
-            "fetched_at": meta.fetched_at,
-        }
-        self._cache.set(_ENTRY + meta.digest, summary)
-        self._cache.add(_USED + meta.digest, meta.fetched_at)
-
     def bind(self, canonical: str, digest: str) -> None:
-        self._guarded("binding a name", lambda: self._cache.set(_NAME + canonical, digest), None)
+        def op() -> None:
+            with self._cache.transact(retry=True):
+                self._cache.set(_NAME + canonical, digest, tag=digest)
+                summary: Summary | None = self._cache.get(_ENTRY + digest)
+                if summary is not None and canonical not in summary["names"]:
+                    summary["names"].append(canonical)
+                    self._cache.set(_ENTRY + digest, summary, tag=digest)
+
+        self._guarded("binding a name", op, None)
 
     def unbind(self, canonical: str) -> None:
         self._guarded("unbinding a name", lambda: self._cache.delete(_NAME + canonical), None)
+
+    def attribute(self, digest: str, uid: int) -> None:
+        """Record that `uid` asked for the entry, in its summary and in that uid's totals."""
+
+        def op() -> None:
+            with self._cache.transact(retry=True):
+                summary: Summary | None = self._cache.get(_ENTRY + digest)
+                if summary is None or uid in summary["users"]:
+                    return
+                summary["users"] = sorted([*summary["users"], uid])
+                self._cache.set(_ENTRY + digest, summary, tag=digest)
+
+                def add(totals: Totals) -> None:
+                    row = totals["users"].setdefault(str(uid), [0, 0])
+                    row[0] += 1
+                    row[1] += summary["size_bytes"]
+
+                self._change_totals(add)
+
+        self._guarded("recording a user", op, None)
 
     def touch(self, digest: str) -> None:
         """Record a use. Kept in memory and written by `flush`: a SQLite write per cache hit would cap the
@@ -277,15 +401,57 @@ class Index:
             self.flush()
 
     def flush(self) -> None:
+        """Write the last-use times kept in memory, all in one transaction (one commit, not one per entry)."""
         pending, self._used = self._used, {}
         self._flushed = time.monotonic()
 
         def op() -> None:
-            for digest, when in pending.items():
-                self._cache.set(_USED + digest, when)
+            with self._cache.transact(retry=True):
+                for digest, when in pending.items():
+                    self._cache.set(_USED + digest, when, tag=digest)
 
         if pending:
             self._guarded("writing last-use times", op, None)
+
+    def forget(self, digest: str) -> None:
+        self.forget_all([digest])
+
+    def forget_all(self, digests: Collection[str], names: Iterable[str] = ()) -> None:
+        """Drop every row of each entry (summary, last use, the names bound to it: one indexed `evict` by its
+        tag), and unbind `names` besides, in one transaction."""
+        doomed = set(digests)
+        for digest in doomed:
+            self._used.pop(digest, None)
+        unbind = set(names)
+
+        def op() -> None:
+            with self._cache.transact(retry=True):
+                gone: list[Summary] = []
+                for digest in doomed:
+                    summary: Summary | None = self._cache.get(_ENTRY + digest)
+                    self._cache.evict(digest, retry=True)
+                    if summary is not None:
+                        gone.append(summary)
+                for canonical in unbind:
+                    self._cache.delete(_NAME + canonical)
+                if gone:
+
+                    def drop(totals: Totals) -> None:
+                        for summary in gone:
+                            _count(totals, summary, -1)
+
+                    self._change_totals(drop)
+
+        if doomed or unbind:
+            self._guarded("forgetting entries", op, None)
+
+    def _change_totals(self, change: Callable[[Totals], None]) -> None:
+        """Read, change and write the totals row: call inside a transaction, so no other writer interleaves."""
+        totals: Totals = self._cache.get(_TOTALS) or _no_totals()
+        change(totals)
+        self._cache.set(_TOTALS, totals)
+
+    # -- reads --------------------------------------------------------------------------------------------
 
     def last_used(self, digest: str) -> float | None:
         if digest in self._used:
@@ -295,53 +461,59 @@ class Index:
         )
         return float(value) if value is not None else None
 
-    def forget(self, digest: str) -> None:
-        self._used.pop(digest, None)
-
-        def op() -> None:
-            self._cache.delete(_ENTRY + digest)
-            self._cache.delete(_USED + digest)
-            for canonical, bound in self._names():
-                if bound == digest:
-                    self._cache.delete(_NAME + canonical)
-
-        self._guarded("forgetting an entry", op, None)
-
-    def forget_all(self, digests: Collection[str], names: Iterable[str] = ()) -> None:
-        """`forget` many entries, and unbind `names` besides, in one transaction and one scan of the names."""
-        doomed = set(digests)
-        for digest in doomed:
-            self._used.pop(digest, None)
-        unbind = set(names)
-
-        def op() -> None:
-            with self._cache.transact():
-                bound = {canonical for canonical, digest in self._names() if digest in doomed}
-                for digest in doomed:
-                    self._cache.delete(_ENTRY + digest)
-                    self._cache.delete(_USED + digest)
-                for canonical in unbind | bound:
-                    self._cache.delete(_NAME + canonical)
-
-        if doomed or unbind:
-            self._guarded("forgetting entries", op, None)
-
-    def names(self) -> Iterator[tuple[str, str]]:
-        none: list[tuple[str, str]] = []
-        yield from self._guarded("listing names", self._names, none, write=False)
-
-    def _names(self) -> list[tuple[str, str]]:
-        found = []
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, str) and key.startswith(_NAME):
-                value = self._cache.get(key)
-                if value is not None:
-                    found.append((key[len(_NAME) :], str(value)))
+    def summary(self, digest: str) -> Summary | None:
+        """The entry's summary, or None when the index does not know it (then read its meta)."""
+        found: Summary | None = self._guarded(
+            "reading an entry", lambda: self._cache.get(_ENTRY + digest), None, write=False
+        )
         return found
+
+    def digest_of(self, canonical: str) -> str | None:
+        """The digest a canonical name is bound to."""
+        found = self._guarded("reading a name", lambda: self._cache.get(_NAME + canonical), None, write=False)
+        return str(found) if found is not None else None
+
+    def names_of(self, digest: str) -> list[str]:
+        """The names bound to an entry now: its summary's names that still point at it (a few look-ups)."""
+
+        def op() -> list[str]:
+            summary: Summary | None = self._cache.get(_ENTRY + digest)
+            names = summary["names"] if summary is not None else []
+            return [name for name in names if self._cache.get(_NAME + name) == digest]
+
+        none: list[str] = []
+        return self._guarded("reading names", op, none, write=False)
+
+    def totals(self) -> Totals:
+        """Entries, bytes and per-uid usage of every entry recorded (one row)."""
+        found: Totals | None = self._guarded("reading totals", lambda: self._cache.get(_TOTALS), None, write=False)
+        return found if found is not None else _no_totals()
 
     def close(self) -> None:
         self.flush()
         self._cache.close()
+
+
+def _count(totals: Totals, summary: Summary, sign: int) -> None:
+    totals["entries"] += sign
+    totals["size_bytes"] += sign * summary["size_bytes"]
+    for uid in summary["users"]:
+        row = totals["users"].setdefault(str(uid), [0, 0])
+        row[0] += sign
+        row[1] += sign * summary["size_bytes"]
+        if row[0] <= 0:
+            del totals["users"][str(uid)]
+
+
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _is_sqlite(path: os.PathLike[str]) -> bool:

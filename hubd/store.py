@@ -51,6 +51,8 @@ _CACHEDIR_TAG = (
 )
 _DIGEST_CHARS = set("0123456789abcdef")
 log = logging.getLogger("hubd.store")
+LISTING_SETTLE_NS = 2_000_000_000
+"""How old meta/'s mtime must be before a listing of it is reused (see `Store.meta_digests`)."""
 
 FAULT_INJECTION = os.environ.get("HUBD_TEST_FAULT", "")
 """Fault injection, for tests only; read once, empty outside tests, and then every hook is one falsy check.
@@ -175,6 +177,7 @@ class Store:
         self.locks = root / "locks"
         self.pins = root / "pins"
         self.pending = root / "pending"
+        self._meta_listing: tuple[int, tuple[str, ...]] | None = None
 
     def ensure_layout(self) -> None:
         self.check_trusted()  # before anything is created or read: whoever made the directory owns its models
@@ -491,6 +494,25 @@ class Store:
             meta = self.read_meta(path.stem)
             if meta is not None:
                 yield meta
+
+    def meta_digests(self) -> tuple[str, ...]:
+        """The digest of every meta file, sorted: one listing of meta/, reused while meta/ is unchanged.
+
+        A listing is reused only while meta/'s mtime is what it was, and only if that mtime was already
+        LISTING_SETTLE_NS old when the listing was taken: mtimes tick coarsely, so a file added within the same
+        tick as the listing would otherwise leave the mtime as it was and go unseen."""
+        mtime = os.stat(self.meta_dir).st_mtime_ns
+        cached = self._meta_listing
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        taken = time.time_ns()
+        with os.scandir(self.meta_dir) as entries:
+            digests = tuple(
+                sorted(e.name[:-5] for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
+            )
+        if taken - mtime > LISTING_SETTLE_NS:
+            self._meta_listing = (mtime, digests)
+        return digests
 
     def quarantine(self, digest: str, reason: str) -> Path | None:
         """Move a broken object aside so it is never handed out again; its meta stays for re-verification."""
