@@ -19,13 +19,14 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hubd_client.layout import LAYOUT_VERSION, VERSION_FILE
+
 from hubd.errors import HubdError
 
 if TYPE_CHECKING:
     from hubd.store import Store
 
-LAYOUT_VERSION = 2
-VERSION_FILE = "layout-version"
+__all__ = ["LAYOUT_VERSION", "VERSION_FILE", "LayoutTooNew", "Migration", "open_layout", "read_version"]
 log = logging.getLogger("hubd.layout")
 
 
@@ -45,24 +46,23 @@ class Migration:
 def read_version(store: Store) -> int:
     """The cache's layout version: the file's, else 1 for a cache with entries, else the current one (empty)."""
     try:
-        text = (store.root / VERSION_FILE).read_text().strip()
-    except FileNotFoundError:
-        has_entries = any(store.meta_dir.glob("*.json")) or any(store.refs.glob("*.json"))
-        return 1 if has_entries else LAYOUT_VERSION
-    try:
-        return int(text)
-    except ValueError:
+        version = store.layout.stored_version()
+    except ValueError as exc:
         raise LayoutTooNew(
-            f"{store.root / VERSION_FILE} holds {text[:40]!r}, not a layout version",
+            f"{store.layout.version_file} holds {str(exc)[:40]!r}, not a layout version",
             f"restore the file (this hubd writes {LAYOUT_VERSION}) or point HUBD_CACHE_DIR at another directory",
         ) from None
+    if version is None:
+        has_entries = any(store.meta_dir.glob("*.json")) or any(store.refs.glob("*.json"))
+        return 1 if has_entries else LAYOUT_VERSION
+    return version
 
 
 def open_layout(store: Store) -> Migration | None:
     """Check the cache's layout version; migrate an older one. Call with the layout directories created."""
-    if (store.root / VERSION_FILE).exists() and read_version(store) == LAYOUT_VERSION:
+    if store.layout.version_file.exists() and read_version(store) == LAYOUT_VERSION:
         return None  # the common case: nothing to write, so no lock (readers need no write access)
-    lock_fd = os.open(store.locks / "layout.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock_fd = os.open(store.layout.lock("layout"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         version = read_version(store)
@@ -82,8 +82,8 @@ def open_layout(store: Store) -> Migration | None:
                 len(migration.renamed),
                 len(migration.quarantined),
             )
-        if version < LAYOUT_VERSION or not (store.root / VERSION_FILE).exists():
-            store.write_file(store.root / VERSION_FILE, f"{LAYOUT_VERSION}\n".encode())
+        if version < LAYOUT_VERSION or not store.layout.version_file.exists():
+            store.write_file(store.layout.version_file, f"{LAYOUT_VERSION}\n".encode())
         return migration
     finally:
         os.close(lock_fd)
@@ -106,7 +106,7 @@ def migrate_v1(store: Store) -> Migration:
         if existing is not None:
             meta.names = [*existing.names, *(n for n in meta.names if n not in existing.names)]
         store.write_meta(meta)
-        old_tree, new_tree = store.objects / old, store.objects / new
+        old_tree, new_tree = store.layout.object(old), store.layout.object(new)
         if old_tree.is_dir():
             if new_tree.is_dir():
                 remove_tree(old_tree)
@@ -133,13 +133,13 @@ def migrate_v1(store: Store) -> Migration:
 def _migrate_derived(store: Store, migration: Migration) -> None:
     """The index (keeping last-use times) and the tensorflow_hub view follow the renamed objects."""
     from hubd.index import Index
-    from hubd.tfhub_view import VIEW_DIR, TfhubView
+    from hubd.tfhub_view import TfhubView
 
-    if (store.root / "index").exists():
+    if store.layout.index.exists():
         index = Index(store)
         try:
             index.migrate(migration.renamed)
         finally:
             index.close()
-    if (store.root / VIEW_DIR).is_dir():
+    if store.layout.view.is_dir():
         TfhubView(store).rebuild()

@@ -1,6 +1,7 @@
 """The on-disk cache: private staging, atomic publish, content-addressed objects, refs, quarantine.
 
-Layout under the cache root (see docs/cache-layout.md)::
+Layout under the cache root (see docs/cache-layout.md); every path is built by `hubd_client.layout.CacheLayout`,
+which the client's offline reader shares::
 
     CACHEDIR.TAG            marks the tree as a cache for backup tools
     layout-version          the layout's version (hubd/layout.py): newer is refused, older migrated at start
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hubd_client.layout import CacheLayout, is_digest
 from hubd_client.paths import cache_dir_problem, system_uids
 
 from hubd.errors import HubdError
@@ -49,7 +51,6 @@ _CACHEDIR_TAG = (
     "# This file is a cache directory tag created by hubd.\n"
     "# For information about cache directory tags see https://bford.info/cachedir/\n"
 )
-_DIGEST_CHARS = set("0123456789abcdef")
 log = logging.getLogger("hubd.store")
 LISTING_SETTLE_NS = 2_000_000_000
 """How old meta/'s mtime must be before a listing of it is reused (see `Store.meta_digests`)."""
@@ -125,11 +126,11 @@ class Ref:
 class StagingDir:
     """A private directory to extract into, held by a flock so a crashed owner's leftovers can be recognised."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, layout: CacheLayout) -> None:
         token = f"{os.getpid()}-{secrets.token_hex(6)}"
-        self.path = root / token
+        self.path = layout.staging_dir(token)
         self.tree = self.path / "tree"
-        self._lock_path = root / f"{token}.lock"
+        self._lock_path = layout.staging_lock(token)
         self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.path.mkdir(mode=0o700)
@@ -150,7 +151,7 @@ class CollectorBusy(HubdError):
 def gc_lock(store: Store, shared: bool, wait: bool = True) -> Iterator[None]:
     """The flock that keeps collection (exclusive) and publishing (shared) apart: a directory being published
     is never removed."""
-    fd = os.open(store.locks / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(store.layout.lock("gc"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
@@ -164,19 +165,23 @@ def gc_lock(store: Store, shared: bool, wait: bool = True) -> Iterator[None]:
 
 
 class Store:
-    """Reads and writes the cache layout; every method is safe to call from several processes at once."""
+    """Reads and writes the cache layout; every method is safe to call from several processes at once.
+
+    Every path comes from `layout` (`hubd_client.layout.CacheLayout`), the one definition the client's offline
+    reader shares."""
 
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
-        self.objects = root / "objects"
-        self.meta_dir = root / "meta"
-        self.refs = root / "refs"
-        self.staging = root / "staging"
-        self.quarantine_dir = root / "quarantine"
-        self.locks = root / "locks"
-        self.pins = root / "pins"
-        self.pending = root / "pending"
+        self.layout = CacheLayout(root)
+        self.objects = self.layout.objects
+        self.meta_dir = self.layout.meta_dir
+        self.refs = self.layout.refs
+        self.staging = self.layout.staging
+        self.quarantine_dir = self.layout.quarantine
+        self.locks = self.layout.locks
+        self.pins = self.layout.pins
+        self.pending = self.layout.pending
         self._meta_listing: tuple[int, tuple[str, ...]] | None = None
 
     def ensure_layout(self) -> None:
@@ -193,7 +198,7 @@ class Store:
             public.mkdir(mode=0o755, exist_ok=True)
         for private in (self.staging, self.quarantine_dir, self.locks, self.pending):
             private.mkdir(mode=0o700, exist_ok=True)
-        tag = self.root / "CACHEDIR.TAG"
+        tag = self.layout.cachedir_tag
         if not tag.exists():
             self._write_atomic(tag, _CACHEDIR_TAG.encode())
         from hubd.layout import open_layout  # imports the index and view modules, which import this one
@@ -224,7 +229,7 @@ class Store:
     # -- staging -------------------------------------------------------------------------------------
 
     def new_staging(self) -> StagingDir:
-        return StagingDir(self.staging)
+        return StagingDir(self.layout)
 
     def clean_stale_staging(self) -> int:
         """Remove staging dirs whose owner died (its flock is free). Returns how many were removed."""
@@ -237,13 +242,13 @@ class Store:
                 os.close(fd)
                 continue
             try:
-                remove_tree(self.staging / lock_path.stem)
+                remove_tree(self.layout.staging_dir(lock_path.stem))
                 lock_path.unlink(missing_ok=True)
                 removed += 1
             finally:
                 os.close(fd)
         for orphan in self.staging.iterdir():  # a dir whose lock file never got created
-            if orphan.is_dir() and not (self.staging / f"{orphan.name}.lock").exists():
+            if orphan.is_dir() and not self.layout.staging_lock(orphan.name).exists():
                 remove_tree(orphan)
                 removed += 1
         return removed
@@ -252,7 +257,7 @@ class Store:
 
     def object_path(self, digest: str) -> Path:
         _check_digest(digest)
-        return self.objects / digest
+        return self.layout.object(digest)
 
     def publish(self, tree: Path, meta: ObjectMeta) -> Path:
         """Make `tree` the read-only object `meta.digest`, with no refs (see `publish_entry`)."""
@@ -288,7 +293,7 @@ class Store:
                     fault_point("meta", "after")
                 for ref_key, ref in refs:
                     undo.append(("ref", (ref_key, self.read_ref(ref_key))))
-                    self._write_json(self.refs / f"{ref_key}.json", ref.__dict__, "ref")
+                    self._write_json(self.layout.ref(ref_key), ref.__dict__, "ref")
                 if FAULT_INJECTION:
                     fault_point("ref", "after")
                 if key is not None:
@@ -307,7 +312,7 @@ class Store:
 
         target = self.object_path(meta.digest)
         if target.is_dir():
-            if (self.meta_dir / f"{meta.digest}.json").exists():
+            if self.layout.meta(meta.digest).exists():
                 remove_tree(tree)
                 return False
             problems = quick_problems(target, meta.manifest)
@@ -328,14 +333,14 @@ class Store:
             merged = ObjectMeta.from_json(previous.to_json())
             merged.names = [*previous.names, *(n for n in meta.names if n not in previous.names)]
             if merged.names != previous.names:
-                self._write_json(self.meta_dir / f"{meta.digest}.json", merged.to_json(), "meta")
+                self._write_json(self.layout.meta(meta.digest), merged.to_json(), "meta")
             if staged is not None:
                 staged.unlink(missing_ok=True)
             return merged, previous
         if FAULT_INJECTION:
             fault_point("meta", "before")
         if staged is not None and staged.exists():
-            os.rename(staged, self.meta_dir / f"{meta.digest}.json")  # written once, in the pending record
+            os.rename(staged, self.layout.meta(meta.digest))  # written once, in the pending record
             self._fsync_dir(self.meta_dir)
         else:
             self.write_meta(meta)
@@ -357,11 +362,11 @@ class Store:
                 elif kind == "meta" and isinstance(what, ObjectMeta):
                     self.write_meta(what)  # the names before this publish
                 elif kind == "meta":
-                    (self.meta_dir / f"{what}.json").unlink(missing_ok=True)
+                    self.layout.meta(what).unlink(missing_ok=True)
                 elif kind == "object":
-                    doomed = self.staging / f"deleted-{what}-{secrets.token_hex(4)}"
-                    os.chmod(self.objects / what, 0o755)
-                    os.rename(self.objects / what, doomed)
+                    doomed = self.layout.staging_dir(f"deleted-{what}-{secrets.token_hex(4)}")
+                    os.chmod(self.layout.object(what), 0o755)
+                    os.rename(self.layout.object(what), doomed)
                     remove_tree(doomed)
                 elif kind == "pending":
                     self._drop_pending(what)
@@ -371,7 +376,7 @@ class Store:
     @contextmanager
     def _object_lock(self, digest: str) -> Iterator[None]:
         """Serialises the publishers and recoverers of one object: its meta is read, merged and written whole."""
-        fd = os.open(self.locks / f"object-{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.layout.object_lock(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -381,19 +386,19 @@ class Store:
     # -- pending publishes -----------------------------------------------------------------------------
 
     def pending_meta_path(self, key: str) -> Path:
-        return self.pending / f"{key}.meta.json"
+        return self.layout.pending_meta(key)
 
     def _write_pending(self, key: str, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> None:
         """Record what this publish will write before the object appears: the meta (moved into meta/ later, so it
         is written once) and then the intent naming the digest and refs. The intent exists only with its meta."""
         self._write_json(self.pending_meta_path(key), meta.to_json(), "pending")
         intent = {"digest": meta.digest, "refs": [{"key": k, **ref.__dict__} for k, ref in refs]}
-        self._write_json(self.pending / f"{key}.json", intent)
+        self._write_json(self.layout.pending_intent(key), intent)
         if FAULT_INJECTION:
             fault_point("pending", "after")
 
     def _drop_pending(self, key: str) -> None:
-        (self.pending / f"{key}.json").unlink(missing_ok=True)
+        self.layout.pending_intent(key).unlink(missing_ok=True)
         self.pending_meta_path(key).unlink(missing_ok=True)
         for tmp in self.pending.glob(f".{key}.*.tmp"):  # a crash in the middle of writing the record
             tmp.unlink(missing_ok=True)
@@ -424,7 +429,7 @@ class Store:
     def _recover_one(self, key: str, held: bool = False) -> str | None:
         from hubd.verify import quick_problems
 
-        intent_path = self.pending / f"{key}.json"
+        intent_path = self.layout.pending_intent(key)
         if not intent_path.exists() and not any(self.pending.glob(f"*{key}.*")):
             return None
         fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -443,12 +448,12 @@ class Store:
                 self._drop_pending(key)  # the crash came before the intent was whole: nothing was published
                 return None
             with gc_lock(self, shared=True), self._object_lock(digest):
-                target = self.objects / digest
+                target = self.layout.object(digest)
                 staged = self.pending_meta_path(key)
                 if not target.is_dir():
                     self._drop_pending(key)
                     return None
-                if not (self.meta_dir / f"{digest}.json").exists():
+                if not self.layout.meta(digest).exists():
                     meta = self.read_meta_file(staged)
                     problems = ["no meta was recorded"] if meta is None else quick_problems(target, meta.manifest)
                     if problems:
@@ -473,14 +478,14 @@ class Store:
             os.close(fd)
 
     def _present(self, digest: str) -> bool:
-        return (self.objects / digest).is_dir() and (self.meta_dir / f"{digest}.json").exists()
+        return self.layout.object(digest).is_dir() and self.layout.meta(digest).exists()
 
     def write_meta(self, meta: ObjectMeta) -> None:
         _check_digest(meta.digest)
-        self._write_json(self.meta_dir / f"{meta.digest}.json", meta.to_json())
+        self._write_json(self.layout.meta(meta.digest), meta.to_json())
 
     def read_meta(self, digest: str) -> ObjectMeta | None:
-        return self.read_meta_file(self.meta_dir / f"{digest}.json")
+        return self.read_meta_file(self.layout.meta(digest))
 
     @staticmethod
     def read_meta_file(path: Path) -> ObjectMeta | None:
@@ -519,14 +524,14 @@ class Store:
         source = self.object_path(digest)
         if not source.is_dir():
             return None
-        dest = self.quarantine_dir / f"{digest}.{int(time.time() * 1000)}"
+        dest = self.layout.quarantined(digest, int(time.time() * 1000))
         with suppress(OSError):
             os.chmod(source, 0o755)  # moving a directory to another parent rewrites its '..' entry
         try:
             os.rename(source, dest)
         except FileNotFoundError:
             return None
-        (self.quarantine_dir / f"{dest.name}.reason").write_text(reason + "\n")
+        self.layout.quarantine_reason(dest).write_text(reason + "\n")
         self._fsync_dir(self.objects)
         return dest
 
@@ -534,12 +539,12 @@ class Store:
         """Delete an object and its meta, under its flock so a concurrent publisher of it cannot add names or
         refs to what is going away (it publishes afresh once this is done)."""
         source = self.object_path(digest)
-        doomed = self.staging / f"deleted-{digest}-{secrets.token_hex(4)}"
+        doomed = self.layout.staging_dir(f"deleted-{digest}-{secrets.token_hex(4)}")
         with self._object_lock(digest):
             with suppress(FileNotFoundError):
                 os.chmod(source, 0o755)
                 os.rename(source, doomed)  # vanishes atomically, then is removed at leisure
-            (self.meta_dir / f"{digest}.json").unlink(missing_ok=True)
+            self.layout.meta(digest).unlink(missing_ok=True)
             self.unpin(digest)
         remove_tree(doomed)
 
@@ -547,7 +552,7 @@ class Store:
 
     def read_ref(self, key: str) -> Ref | None:
         try:
-            data = json.loads((self.refs / f"{key}.json").read_text())
+            data = json.loads(self.layout.ref(key).read_text())
             return Ref(
                 canonical=str(data["canonical"]),
                 handle=str(data["handle"]),
@@ -559,10 +564,10 @@ class Store:
             return None
 
     def write_ref(self, key: str, ref: Ref) -> None:
-        self._write_json(self.refs / f"{key}.json", ref.__dict__)
+        self._write_json(self.layout.ref(key), ref.__dict__)
 
     def remove_ref(self, key: str) -> None:
-        (self.refs / f"{key}.json").unlink(missing_ok=True)
+        self.layout.ref(key).unlink(missing_ok=True)
 
     def iter_refs(self) -> Iterator[Ref]:
         for _key, ref in self.ref_items():
@@ -585,13 +590,13 @@ class Store:
     def pin(self, digest: str, name: str) -> None:
         names = self.pin_names(digest)
         if name not in names:
-            self._write_json(self.pins / f"{digest}.json", {"names": [*names, name]})
+            self._write_json(self.layout.pin(digest), {"names": [*names, name]})
 
     def unpin(self, digest: str) -> None:
-        (self.pins / f"{digest}.json").unlink(missing_ok=True)
+        self.layout.pin(digest).unlink(missing_ok=True)
 
     def is_pinned(self, digest: str) -> bool:
-        return os.path.exists(f"{self.pins}/{digest}.json")
+        return os.path.exists(self.layout.pin(digest))
 
     def pinned_digests(self) -> set[str]:
         """Every pinned object's digest, in one directory listing."""
@@ -599,12 +604,12 @@ class Store:
 
     def pin_names(self, digest: str) -> list[str]:
         try:
-            return list(json.loads((self.pins / f"{digest}.json").read_text())["names"])
+            return list(json.loads(self.layout.pin(digest).read_text())["names"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return []
 
     def lock_path(self, key: str) -> Path:
-        return self.locks / f"{key}.lock"
+        return self.layout.lock(key)
 
     # -- atomic files --------------------------------------------------------------------------------
 
@@ -647,7 +652,7 @@ class Store:
 
 
 def _check_digest(digest: str) -> None:
-    if len(digest) != 64 or not set(digest) <= _DIGEST_CHARS:
+    if not is_digest(digest):
         raise ValueError(f"not a tree digest: {digest!r}")
 
 

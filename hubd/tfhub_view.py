@@ -18,26 +18,23 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hubd_client.handles import AnyHost, parse_handle
+from hubd_client.kinds import KINDS
+from hubd_client.layout import VIEW, descriptor_of, view_target
 
 from hubd.errors import HubdError
 from hubd.store import Ref, Store
 
-VIEW_DIR = "tfhub_modules"
+VIEW_DIR = VIEW
 
 
 def spellings(handle: str) -> set[str]:
-    """The handle strings people write for the same model."""
+    """The handle strings people write for the same model: the handle, its kind's spellings (`HubKind.spellings`),
+    each with and without a trailing slash."""
     try:
         source = parse_handle(handle, AnyHost())
     except HubdError:
         return {handle}
-    names = {handle, f"https://{source.canonical}"}
-    if source.kind == "kaggle":
-        owner, model, framework, variation, version = source.canonical.split("/")[2:]
-        for flavour in {framework, "tensorFlow2", "TensorFlow2", "tensorflow2"}:
-            short = f"{owner}/{model}/{flavour}/{variation}/{version}"
-            long = f"{owner}/{model}/frameworks/{flavour}/variations/{variation}/versions/{version}"
-            names |= {f"https://www.kaggle.com/models/{short}", f"https://www.kaggle.com/models/{long}"}
+    names = {handle, *KINDS[source.kind].spellings(source)}
     return names | {f"{name}/" for name in names}
 
 
@@ -48,17 +45,22 @@ def link_name(handle: str) -> str:
 class TfhubView:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.root = store.root / VIEW_DIR
+        self.root = store.layout.view
 
     def link(self, ref: Ref) -> None:
         self.root.mkdir(mode=0o755, exist_ok=True)
-        target = os.path.join("..", "objects", ref.digest)
+        target = view_target(ref.digest)
         for handle in spellings(ref.handle) | spellings(f"https://{ref.canonical}"):
             name = link_name(handle)
-            _replace_symlink(self.root / name, target)
-            descriptor = self.root / f"{name}.descriptor.txt"
+            _replace_symlink(self.store.layout.view_link(name), target)
+            descriptor = self.store.layout.view_descriptor(name)
             if not descriptor.exists():  # written whole or not at all: a full disk must not leave an empty one
                 _replace_file(descriptor, f"Module: {handle}\nServed by: hubd ({ref.canonical})\n")
+
+    def unlink_spelling(self, handle: str) -> None:
+        """Remove the links named after `handle` as written (and with a trailing slash), and their descriptors."""
+        for spelling in (handle, handle + "/"):
+            _remove_link(self.store.layout.view_link(link_name(spelling)))
 
     def unlink_digest(self, digest: str) -> None:
         if not self.root.is_dir():
@@ -89,7 +91,7 @@ class TfhubView:
                 if entry.is_symlink() and not entry.exists():
                     _remove_link(entry)
         for ref in self.store.iter_refs():
-            if (self.store.objects / ref.digest).is_dir():
+            if self.store.layout.object(ref.digest).is_dir():
                 self.link(ref)
 
 
@@ -119,4 +121,4 @@ def _remove_link(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     with contextlib.suppress(FileNotFoundError):
-        path.with_name(f"{path.name}.descriptor.txt").unlink()
+        descriptor_of(path).unlink()

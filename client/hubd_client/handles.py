@@ -1,5 +1,6 @@
 """Parse and canonicalise model handles into a `Source`: what to download, and the name to cache it under.
 
+The rules every handle obeys are here; what differs by kind is one row of `hubd_client.kinds.KINDS`.
 Accepted forms (see docs/handles.md for the rules):
 
 - ``https://tfhub.dev/<publisher>/<model...>/<version>`` (scheme optional, trailing slash and an existing
@@ -20,64 +21,23 @@ port, so an unprivileged local user, who can only listen on high ports, cannot s
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 from hubd_client.errors import BadHandle, DisallowedHost
+from hubd_client.kinds import KINDS, HubKind, KindTable, Location, is_dir
+from hubd_client.kinds import Source as Source
+from hubd_client.kinds import SourceKind as SourceKind
 
-ACCEPTED_FORMS = (
-    "https://tfhub.dev/<publisher>/<model>/<version>, "
-    "https://www.kaggle.com/models/<owner>/<model>/<framework>/<variation>/<version>, "
-    "any https:// URL of a TF Hub hosting-protocol server, or a local directory"
-)
+ACCEPTED_FORMS = KINDS.accepted_forms
 
-_TFHUB_HOSTS = {"tfhub.dev", "www.tfhub.dev"}
-_KAGGLE_HOSTS = {"kaggle.com", "www.kaggle.com"}
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_VERSION = re.compile(r"^[0-9]+$")
 _QUERY = re.compile(r"^(tf-hub-format=[A-Za-z0-9_-]*)?$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_KAGGLE_ORIGINS = {("https", host, 443) for host in _KAGGLE_HOSTS}
 
 Origin = tuple[str, str, int]
 """(scheme, host, port) of a URL, the port made explicit: what servers are compared by."""
-
-SourceKind = Literal["tfhub", "kaggle", "url", "local"]
-
-
-@dataclass(frozen=True)
-class Source:
-    """A parsed handle: where its archive lives and the one name it is cached under.
-
-    A plain dataclass, not pydantic: the client library parses handles too (for its offline look-up), and
-    `import hubd_client` must stay standard-library only.
-    """
-
-    kind: SourceKind
-    handle: str
-    """The handle as the caller wrote it."""
-    canonical: str
-    """The cache name: scheme-less, query-less, normalised (``tfhub.dev/google/nnlm-en-dim128/2``)."""
-    url: str = ""
-    """The archive URL (hosting protocol: ``?tf-hub-format=compressed``); empty for local paths."""
-    mirror_path: str = ""
-    """Path under a configured mirror (``<publisher>/<model>/<version>``); empty when no mirror applies."""
-    local_path: str = ""
-
-    @property
-    def ref_key(self) -> str:
-        """A file-name-safe key for this canonical name, used for refs and locks."""
-        return hashlib.sha256(self.canonical.encode()).hexdigest()[:32]
-
-    def download_url(self, mirror: str | None) -> str:
-        if mirror and self.mirror_path:
-            return f"{mirror}/{self.mirror_path}?tf-hub-format=compressed"
-        return self.url
 
 
 class AnyHost(frozenset[str]):
@@ -87,52 +47,53 @@ class AnyHost(frozenset[str]):
         return True
 
 
-def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset()) -> Source:
-    """Turn whatever a user passed into a `Source`, or raise `BadHandle` naming the accepted forms."""
+def parse_handle(handle: str, http_hosts: frozenset[str] = frozenset(), kinds: KindTable = KINDS) -> Source:
+    """Turn whatever a user passed into a `Source`, or raise `BadHandle` naming the accepted forms.
+
+    The checks every kind shares (scheme, credentials, plain http, path segments) are made here; the host then
+    picks the row of `kinds` that parses the rest."""
+    forms = f"pass one of: {kinds.accepted_forms}"
     raw = handle.strip()
     if not raw:
-        raise BadHandle("empty handle", f"pass one of: {ACCEPTED_FORMS}")
-    if is_local(raw):
-        return _local_source(raw)
+        raise BadHandle("empty handle", forms)
+    if is_local(raw, kinds):
+        return kinds.local.source(Location(raw))
     if "://" not in raw:
-        if not _names_hub_host(raw):
-            raise BadHandle(f"not a model handle: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
+        if not _names_hub_host(raw, kinds):
+            raise BadHandle(f"not a model handle: {handle!r}", forms)
         raw = "https://" + raw
-    parts = _split(raw, BadHandle, "not a model handle", f"pass one of: {ACCEPTED_FORMS}")
+    parts = _split(raw, BadHandle, "not a model handle", forms)
     _refuse_secrets(parts.netloc, parts.query, parts.fragment, raw)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
     if not host:
-        raise BadHandle(f"handle has no host: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
+        raise BadHandle(f"handle has no host: {handle!r}", forms)
     if scheme not in _DEFAULT_PORTS:
-        raise BadHandle(f"unsupported scheme {scheme!r} in {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
+        raise BadHandle(f"unsupported scheme {scheme!r} in {handle!r}", forms)
     port = _port(parts, handle)
     if scheme == "http" and not http_allowed(host, port, http_hosts):
         raise DisallowedHost(
             f"plain http is refused for {host}:{port}: {handle!r}",
             "use https://, or allow the server with HUBD_HTTP_HOSTS / --http-host (HOST for port 80, HOST:PORT)",
         )
-    segments = _path_segments(parts.path, handle)
-    if host in _TFHUB_HOSTS:
-        return _tfhub_source(handle, segments)
-    if host in _KAGGLE_HOSTS:
-        return _kaggle_source(handle, segments)
-    return _url_source(handle, scheme, parts.netloc.lower(), segments)
+    segments = tuple(_path_segments(parts.path, handle))
+    return kinds.for_host(host).source(Location(handle, scheme, parts.netloc.lower(), segments))
 
 
-def is_local(handle: str) -> bool:
+def is_local(handle: str, kinds: KindTable = KINDS) -> bool:
     """Whether `handle` names a local directory rather than a remote model: the one rule for the daemon and
     the client alike. Absolute, ./, ../, ~ and file:// are local; a scheme-less name whose first segment is
-    tfhub.dev or kaggle.com is always a hub handle, even if a directory of that name exists under the current
-    directory (anyone may create one in /tmp); any other scheme-less name is local when it is a directory."""
+    a hub's host (tfhub.dev, kaggle.com) is always a hub handle, even if a directory of that name exists under
+    the current directory (anyone may create one in /tmp); any other scheme-less name is local when it is a
+    directory."""
     raw = handle.strip()
     if raw.startswith(("/", "./", "../", "~", "file://")):
         return True
-    return "://" not in raw and not _names_hub_host(raw) and _is_dir(raw)
+    return "://" not in raw and not _names_hub_host(raw, kinds) and is_dir(raw)
 
 
-def _names_hub_host(raw: str) -> bool:
-    return raw.split("/", 1)[0].lower() in _TFHUB_HOSTS | _KAGGLE_HOSTS
+def _names_hub_host(raw: str, kinds: KindTable) -> bool:
+    return raw.split("/", 1)[0].lower() in kinds.hosts
 
 
 def _split(url: str, error: type[BadHandle] | type[DisallowedHost], what: str, hint: str) -> SplitResult:
@@ -229,89 +190,24 @@ def _path_segments(path: str, handle: str) -> list[str]:
     return segments
 
 
-def _tfhub_source(handle: str, segments: list[str]) -> Source:
-    if len(segments) < 3 or not _VERSION.match(segments[-1]):
-        raise BadHandle(
-            f"a tfhub.dev handle needs a publisher, a model and a numeric version: {handle!r}",
-            "for example https://tfhub.dev/google/nnlm-en-dim128/2",
-        )
-    path = "/".join(segments)
-    return Source(
-        kind="tfhub",
-        handle=handle,
-        canonical=f"tfhub.dev/{path}",
-        url=f"https://tfhub.dev/{path}?tf-hub-format=compressed",
-        mirror_path=path,
-    )
-
-
-def _kaggle_source(handle: str, segments: list[str]) -> Source:
-    if segments[:1] != ["models"]:
-        raise BadHandle(f"not a Kaggle model handle: {handle!r}", f"pass one of: {ACCEPTED_FORMS}")
-    rest = segments[1:]
-    if len(rest) == 8 and (rest[2], rest[4], rest[6]) == ("frameworks", "variations", "versions"):
-        rest = [rest[0], rest[1], rest[3], rest[5], rest[7]]
-    if len(rest) != 5 or not _VERSION.match(rest[4]):
-        raise BadHandle(
-            f"a Kaggle handle needs owner, model, framework, variation and a numeric version: {handle!r}",
-            "for example https://www.kaggle.com/models/google/nnlm/tensorFlow2/en-dim128/2",
-        )
-    owner, model, framework, variation, version = rest
-    framework = framework.lower()
-    long_path = f"{owner}/{model}/frameworks/{framework}/variations/{variation}/versions/{version}"
-    short_path = f"{owner}/{model}/{framework}/{variation}/{version}"
-    return Source(
-        kind="kaggle",
-        handle=handle,
-        canonical=f"kaggle.com/models/{short_path}",
-        url=f"https://www.kaggle.com/models/{long_path}?tf-hub-format=compressed",
-        mirror_path=f"models/{short_path}",
-    )
-
-
-def _url_source(handle: str, scheme: str, netloc: str, segments: list[str]) -> Source:
-    path = "/".join(segments)
-    base = urlunsplit((scheme, netloc, "/" + path, "", ""))
-    return Source(
-        kind="url",
-        handle=handle,
-        canonical=f"{netloc}/{path}",
-        url=f"{base}?tf-hub-format=compressed",
-    )
-
-
-def _local_source(raw: str) -> Source:
-    try:
-        path = Path(raw.removeprefix("file://")).expanduser()
-    except RuntimeError:  # ~name of a user that does not exist
-        path = Path(raw)
-    if not _is_dir(str(path)):
-        raise BadHandle(f"no such model directory: {raw!r}", "pass an existing SavedModel directory")
-    resolved = str(path.resolve())
-    return Source(kind="local", handle=raw, canonical=resolved, local_path=resolved)
-
-
-def _is_dir(path: str) -> bool:
-    """Like Path.is_dir, but a name too long or otherwise unusable is simply not a directory."""
-    try:
-        return Path(path).is_dir()
-    except (OSError, ValueError):
-        return False
-
-
 def kaggle_canonical_from_url(url: str, mirror: str | None = None) -> str | None:
-    """The canonical Kaggle name behind a redirect URL, so a tfhub.dev handle and its Kaggle twin share a ref.
+    """The canonical Kaggle name behind a redirect URL (`canonical_in_url` for the Kaggle row)."""
+    return canonical_in_url(KINDS["kaggle"], url, mirror)
+
+
+def canonical_in_url(kind: HubKind, url: str, mirror: str | None = None) -> str | None:
+    """The canonical name of `kind` that a redirect URL names, so a handle and its twin share a ref.
 
     tfhub.dev answers a handle with a redirect to its Kaggle page (``/models/<owner>/<model>/frameworks/...``);
-    a configured mirror that keeps Kaggle's URL scheme is read the same way. Only those two speak for Kaggle
-    names: the real Kaggle host over https, and the mirror's exact origin (scheme, host and port) and path.
+    a configured mirror that keeps the hub's URL scheme is read the same way. Only those two speak for the
+    kind's names: the kind's own hosts over https, and the mirror's exact origin (scheme, host and port) and path.
     """
     try:
         where = origin(url)
     except DisallowedHost:
         return None
     path = urlsplit(url).path
-    if where not in _KAGGLE_ORIGINS:
+    if where not in kind.origins:
         if not mirror:
             return None
         try:
@@ -323,9 +219,23 @@ def kaggle_canonical_from_url(url: str, mirror: str | None = None) -> str | None
             return None
         path = path[len(prefix) :]
     try:
-        return _kaggle_source(url, _path_segments(path, url)).canonical
+        return kind.parse(Location(url, where[0], where[1], tuple(_path_segments(path, url)))).canonical
     except BadHandle:
         return None
+
+
+def twin_name(
+    source: Source, redirects: list[str], mirror: str | None = None, kinds: KindTable = KINDS
+) -> str | None:
+    """The twin's canonical name that a download of `source` revealed in its redirects (the first hop is the
+    download URL itself), or None: its kind's `twin` rule. The twin is only ever added beside the handle's own
+    name, never in its place."""
+    rule = kinds[source.kind].twin
+    if rule is None:
+        return None
+    names = (canonical_in_url(kinds[rule], url, mirror) for url in redirects[1:])
+    twin = next(filter(None, names), None)
+    return twin if twin and twin != source.canonical else None
 
 
 def check_redirect(url: str, origin_url: str, allowed: list[str], http_hosts: frozenset[str]) -> None:
@@ -346,9 +256,10 @@ def check_redirect(url: str, origin_url: str, allowed: list[str], http_hosts: fr
         )
 
 
-def handle_from_mirror_path(path: str) -> str:
+def handle_from_mirror_path(path: str, kinds: KindTable = KINDS) -> str:
     """The handle a hosting-protocol path on a hubd LAN mirror stands for (the inverse of `mirror_path`)."""
     segments = _path_segments("/" + path.strip("/"), path)
-    if segments[:1] == ["models"]:
-        return "https://www.kaggle.com/" + "/".join(segments)
-    return "https://tfhub.dev/" + "/".join(segments)
+    kind = kinds.for_mirror_path(segments)
+    if kind is None:
+        raise BadHandle(f"no hub is served at {path!r}", f"pass one of: {kinds.accepted_forms}")
+    return f"{kind.home}/{'/'.join(segments)}"

@@ -1,35 +1,31 @@
 """A read-only look-up in the cache directory for when no daemon answers: verified, published entries only.
 
 Standard library only (hubd-client installs without the daemon), and imported only on that path. It reads the
-refs, meta and objects that hubd/store.py writes and repeats hubd.verify's quick check on them. It reads the
-cache's layout version first (see docs/cache-layout.md): versions 1 and 2 share the files this look-up reads
-(refs, meta, objects), so both are understood; a newer version is refused with a remedy instead of misread.
+refs, meta and objects that hubd/store.py writes, through the layout both share (`hubd_client.layout`), and runs
+the same quick check on them as a cache hit in the daemon. It reads the cache's layout version first (see
+docs/cache-layout.md): the versions in `READABLE_VERSIONS` share the files this look-up reads, so they are
+understood; a newer version is refused with a remedy instead of misread.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from hubd_client.errors import HubdClientError
-
-LAYOUT_VERSIONS = (1, 2)  # what this client reads; hubd/layout.py writes the newest
-VERSION_FILE = "layout-version"
-_DIGEST_CHARS = set("0123456789abcdef")
+from hubd_client.layout import READABLE_VERSIONS, CacheLayout, is_digest
+from hubd_client.layout import quick_problems as _layout_quick_problems
 
 
 def layout_version(root: Path) -> int:
-    """The cache's layout version (1 when the file is missing: caches from before it existed)."""
+    """The cache's layout version (1 when the file is missing: caches from before it existed; 0: unreadable)."""
     try:
-        text = (root / VERSION_FILE).read_text().strip()
-    except FileNotFoundError:
-        return 1
-    except OSError:
-        return 0  # unreadable: treated as unknown
-    return int(text) if text.isdigit() else 0
+        version = CacheLayout(root).stored_version()
+    except (OSError, ValueError):
+        return 0  # unreadable or not a number: treated as unknown
+    return 1 if version is None else version
 
 
 def lookup(handle: str) -> tuple[str | None, Path]:
@@ -38,11 +34,11 @@ def lookup(handle: str) -> tuple[str | None, Path]:
         return None, root
     _check_trusted(root)
     version = layout_version(root)
-    if version not in LAYOUT_VERSIONS:
+    if version not in READABLE_VERSIONS:
         raise HubdClientError(
             "cache_layout_unsupported",
             f"the cache at {root} has layout version {version or 'unknown'}; this hubd_client reads "
-            f"{', '.join(map(str, LAYOUT_VERSIONS))}",
+            f"{', '.join(map(str, READABLE_VERSIONS))}",
             "upgrade hubd_client to the daemon's version, or start the daemon so the client asks it instead",
         )
     from hubd_client.errors import HubdError
@@ -52,12 +48,13 @@ def lookup(handle: str) -> tuple[str | None, Path]:
         source = parse_handle(handle, AnyHost())
     except HubdError:
         return None, root
-    ref = _read_json(root / "refs" / f"{source.ref_key}.json")
+    layout = CacheLayout(root)
+    ref = _read_json(layout.ref(source.ref_key))
     digest = ref.get("digest") if ref else None
-    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _DIGEST_CHARS:
+    if not isinstance(digest, str) or not is_digest(digest):
         return None, root
-    meta = _read_json(root / "meta" / f"{digest}.json")
-    tree = root / "objects" / digest
+    meta = _read_json(layout.meta(digest))
+    tree = layout.object(digest)
     if meta is None or quick_problems(tree, meta.get("manifest")):
         return None, root  # missing or damaged: never hand out a broken model
     return str(tree), root
@@ -90,42 +87,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def quick_problems(tree: Path, manifest: Any) -> list[str]:
-    """hubd.verify.quick_problems on the manifest as stored in meta/<digest>.json: every recorded file present
-    with its recorded size, every recorded link still pointing where it did and inside the tree."""
+    """The daemon's quick check (`hubd_client.layout.quick_problems`) on the manifest as stored in
+    meta/<digest>.json; a manifest that does not parse, or a file that cannot be looked at, is a problem."""
     if not isinstance(manifest, dict):
         return ["no manifest"]
-    root = str(tree)
-    if not os.path.isdir(root):
-        return [f"{tree} is missing"]
-    problems: list[str] = []
     try:
-        files = {str(name): int(record["size"]) for name, record in manifest.get("files", {}).items()}
+        files = [(str(name), int(record["size"])) for name, record in manifest.get("files", {}).items()]
         links = {str(name): str(target) for name, target in manifest.get("symlinks", {}).items()}
     except (AttributeError, KeyError, TypeError, ValueError):
         return ["unreadable manifest"]
-    for name, size in files.items():
-        try:
-            st = os.lstat(f"{root}/{name}")
-        except OSError:
-            problems.append(f"{name}: deleted")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{name}: no longer a regular file")
-        elif st.st_size != size:
-            problems.append(f"{name}: size {st.st_size}, expected {size}")
-    real_root = os.path.realpath(root)
-    for name, target in links.items():
-        try:
-            if os.readlink(f"{root}/{name}") != target:
-                problems.append(f"{name}: link changed")
-                continue
-        except OSError:
-            problems.append(f"{name}: link deleted")
-            continue
-        real = os.path.realpath(f"{root}/{name}")
-        if os.path.commonpath([real_root, real]) != real_root or not os.path.exists(real):
-            problems.append(f"{name}: link resolves outside the model")
-    return problems
+    try:
+        return _layout_quick_problems(tree, files, links)
+    except OSError as exc:
+        return [f"{exc.filename or tree}: {exc.strerror}"]
 
 
 def _default_cache_dir() -> Path:
