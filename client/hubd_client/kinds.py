@@ -152,6 +152,10 @@ class KindTable:
     def for_host(self, host: str) -> HubKind:
         return self._by_host.get(host, self.hosting)
 
+    def for_canonical(self, canonical: str) -> HubKind:
+        """The row of a canonical name (its first segment is the host it was parsed from; not for local paths)."""
+        return self.for_host(canonical.partition("/")[0])
+
     def for_mirror_path(self, segments: Sequence[str]) -> HubKind | None:
         """The row a hubd mirror serves at this path: the one whose prefix is its first segment, else the one
         with no prefix."""
