@@ -27,7 +27,9 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
-from hubd_client.handles import AnyHost, Source, kaggle_canonical_from_url, origin, origin_allowed, parse_handle
+from hubd_client.handles import AnyHost, Source, origin, origin_allowed, parse_handle, twin_name
+from hubd_client.kinds import KINDS
+from hubd_client.layout import object_relpath, ref_key
 
 from hubd.audit import AuditLog
 from hubd.catalog import Catalog, claims_of
@@ -63,7 +65,7 @@ from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
 from hubd.slots import FetchSlots
 from hubd.store import ObjectMeta, Ref, Store, gc_lock
-from hubd.tfhub_view import TfhubView, link_name
+from hubd.tfhub_view import TfhubView
 from hubd.verify import full_problems, quick_problems, structural_problems
 
 log = logging.getLogger("hubd.engine")
@@ -188,7 +190,7 @@ class Engine:
     @property
     def spool_dir(self) -> Path:
         """Private (0700) home of resume spools: the compressed bytes of interrupted downloads, per handle."""
-        return self.store.root / "partial"
+        return self.store.layout.partial
 
     def _drop_stale_spools(self) -> None:
         """A spool nobody resumed within SPOOL_MAX_AGE is only taking disk space (at start, on each gc and
@@ -229,10 +231,7 @@ class Engine:
             self.store.remove_ref(_ref_key(ref.canonical))
             self.index.unbind(ref.canonical)
             if self.view is not None:  # the links named after the spelling that carried it, and their descriptors
-                for spelling in (ref.handle, ref.handle + "/"):
-                    link = self.view.root / link_name(spelling)
-                    for path in (link, link.with_name(f"{link.name}.descriptor.txt")):
-                        path.unlink(missing_ok=True)
+                self.view.unlink_spelling(ref.handle)
 
     async def rebuild_view(self) -> None:
         """Re-link the whole tensorflow_hub view (publishes link incrementally; this catches up after a crash).
@@ -261,7 +260,7 @@ class Engine:
     def parse(self, handle: str) -> Source:
         """Parse a handle and refuse servers that are not allowed upstreams (no probing of other machines)."""
         source = parse_handle(handle, self.http_hosts)  # plain http is checked there, on host and port
-        if source.kind == "url":
+        if KINDS[source.kind].needs_allowed_host:
             where = origin(source.url)
             mirror = origin(self.settings.mirror) if self.settings.mirror else None
             if where[0] == "https" and where != mirror and not origin_allowed(where, self.settings.allowed_hosts):
@@ -291,7 +290,7 @@ class Engine:
         if alias is not None:  # a manifest's name: the handle (and archive sha256) the manifest gives it
             handle, sha256 = alias.handle, sha256 or alias.sha256
         source = self.parse(handle)
-        if source.kind == "local":
+        if not KINDS[source.kind].fetched:
             return _local_entry(source)
         async with self._waited_for(interactive):
             return await self._resolve(source, sha256, on_progress, uid, offline, interactive)
@@ -518,11 +517,9 @@ class Engine:
                     "the archive is incomplete or not a SavedModel; report it to the model's publisher",
                 )
             names = [source.canonical]
-            if source.kind == "tfhub":  # only a tfhub.dev handle is redirected to its Kaggle twin
-                twins = (kaggle_canonical_from_url(u, self.settings.mirror) for u in result.redirects[1:])
-                twin = next(filter(None, twins), None)
-                if twin and twin != source.canonical:
-                    names.append(twin)
+            twin = twin_name(source, result.redirects, self.settings.mirror)  # tfhub.dev redirects to Kaggle
+            if twin:
+                names.append(twin)
             meta = ObjectMeta(
                 digest=manifest.digest(),
                 archive_sha256=archive_sha256,
@@ -580,7 +577,7 @@ class Engine:
         with gc_lock(self.store, shared=True):
             refs: list[tuple[str, Ref]] = []
             for position, canonical in enumerate(meta.names):
-                given = handle if position == 0 else "https://www." + canonical
+                given = handle if position == 0 else KINDS.for_canonical(canonical).handle_for(canonical)
                 key = parse_handle(given, AnyHost()).ref_key
                 existing = self.store.read_ref(key)
                 if existing is not None and existing.digest != meta.digest and self._healthy(existing.digest):
@@ -764,7 +761,7 @@ class Engine:
         self._meta_cache.pop(digest, None)
 
     def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
-        relpath = f"objects/{meta.digest}"  # plain strings: this runs on every cache hit
+        relpath = object_relpath(meta.digest)  # plain strings: this runs on every cache hit
         path = f"{self.store.root}/{relpath}"
         present = os.path.isdir(path)
         return Entry(
@@ -1031,7 +1028,7 @@ def _first(names: list[str]) -> str | None:
 
 def _ref_key(canonical: str) -> str:
     """The ref key of a canonical name, for refs read back from the store (their handle may no longer parse)."""
-    return Source("url", canonical, canonical).ref_key
+    return ref_key(canonical)
 
 
 def _mirror_http_entry(mirror: str | None) -> frozenset[str]:
