@@ -75,6 +75,8 @@ class Catalog:
         self._users: dict[str, frozenset[int]] = {}
         self._aliases: dict[str, Alias] = {}
         self._lock = threading.Lock()
+        self.on_attribute: Callable[[str, int], None] | None = None
+        """Called with (digest, uid) when a uid is new to an object: the index keeps per-user totals from it."""
 
     def load(self) -> None:
         self.users_dir.mkdir(mode=0o700, exist_ok=True)
@@ -115,6 +117,8 @@ class Catalog:
             except OSError as exc:
                 log.warning("the users of %s were not recorded: %s", digest[:12], exc)
             self._users[digest] = uids
+        if self.on_attribute is not None:
+            self.on_attribute(digest, uid)
 
     def forget(self, digest: str) -> None:
         self._users.pop(digest, None)

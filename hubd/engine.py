@@ -7,11 +7,13 @@ publish -> refs + index -> Entry. The CLI, the daemon and the tests all drive th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import fcntl
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import shutil
@@ -19,7 +21,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ from hubd.sink import StreamingExtraction
 from hubd.slots import FetchSlots
 from hubd.store import ObjectMeta, Ref, Store, gc_lock
 from hubd.tfhub_view import TfhubView
+from hubd.tree import TreeManifest
 from hubd.verify import full_problems, quick_problems, structural_problems
 
 log = logging.getLogger("hubd.engine")
@@ -183,9 +186,12 @@ class Engine:
         self.catalog.load()
         self.store.clean_stale_staging()
         await asyncio.to_thread(self._drop_stale_spools)
-        self._index = Index(self.store)
+        self._index = Index(self.store, users_of=self.catalog.users)
         self._index.rebuild_if_needed()
-        await asyncio.to_thread(self._forget_credentials)
+        self.catalog.on_attribute = self._index.attribute
+        started = time.time()
+        await asyncio.to_thread(self._forget_credentials, self._index.last_run(_CREDENTIALS_CHECK))
+        self._index.ran(_CREDENTIALS_CHECK, started)
 
     @property
     def spool_dir(self) -> Path:
@@ -213,12 +219,13 @@ class Engine:
         """Drop idle spools, oldest first, until `need` bytes are freed (or none are left); returns the bytes."""
         return sum(spool.size for spool in trim_spools(self.spool_dir, free=need))
 
-    def _forget_credentials(self) -> None:
+    def _forget_credentials(self, since: float | None) -> None:
         """Drop what an older hubd stored from handles with credentials or tokens in them (user:pw@, ?token=).
 
         Such handles are refused now; refs and names are readable by every user, so an entry named with one is
-        removed (it is fetched again on its next use) and a ref whose handle alone carries one is dropped."""
-        for ref in list(self.store.iter_refs()):
+        removed (it is fetched again on its next use) and a ref whose handle alone carries one is dropped.
+        Only refs written since the last check (`since`) are read: with none new it costs one stat of refs/."""
+        for ref in list(self.store.refs_since(since)):
             if "@" in ref.canonical:
                 if self.store.read_meta(ref.digest) is not None:
                     self.remove_digest(ref.digest)
@@ -234,11 +241,18 @@ class Engine:
                 self.view.unlink_spelling(ref.handle)
 
     async def rebuild_view(self) -> None:
-        """Re-link the whole tensorflow_hub view (publishes link incrementally; this catches up after a crash).
+        """Re-link the whole tensorflow_hub view when it may be behind: publishes link incrementally, so only a
+        crash (the index noticed entries it lacked), a new index, or a view that was off calls for it.
 
-        The daemon runs it in the background after start-up: with 10,000 entries it takes seconds."""
-        if self.view is not None:
+        The daemon runs it in the background after start-up. With 100,000 entries it takes minutes of CPU that
+        every resolve would compete with, so it does not run at each start."""
+        if self.view is None:
+            self.index.forget_run(_VIEW_BUILT)  # links are not kept up while it is off: relink when it is back
+            return
+        if self.index.caught_up or self.index.last_run(_VIEW_BUILT) is None or not self.view.root.is_dir():
+            started = time.time()
             await asyncio.to_thread(self.view.rebuild)
+            self.index.ran(_VIEW_BUILT, started)
 
     async def close(self) -> None:
         for flight in list(self._flights.values()):
@@ -782,7 +796,60 @@ class Engine:
         )
 
     def list_entries(self) -> list[Entry]:
-        return [self._entry(meta) for meta in self.store.iter_meta()]
+        return self.list_page()[0]
+
+    def list_page(self, limit: int | None = None, after: str | None = None) -> tuple[list[Entry], str | None]:
+        """Up to `limit` entries (all when None) in id order, after the id `after`, and the cursor of the next
+        page (None after the last). A page costs one listing of meta/ (reused while it is unchanged) and an index
+        look-up per entry on it, never a read of every meta: the first page of 100,000 entries is as quick as
+        the first of 10."""
+        digests = self.store.meta_digests()
+        start = bisect.bisect_right(digests, after) if after else 0
+        end = len(digests) if limit is None else min(len(digests), start + limit)
+        entries = [entry for entry in map(self._listed, digests[start:end]) if entry is not None]
+        return entries, (digests[end - 1] if start < end < len(digests) else None)
+
+    def _listed(self, digest: str) -> Entry | None:
+        summary = self.index.summary(digest)
+        if summary is None:  # a publish whose index update a crash cut off: its meta is the truth
+            meta = self.store.read_meta(digest)
+            return self._entry(meta) if meta is not None else None
+        return self._entry(
+            ObjectMeta(
+                digest,
+                summary["archive_sha256"],
+                summary["size_bytes"],
+                summary["fetched_at"],
+                _NO_MANIFEST,
+                list(summary["names"]),
+            )
+        )
+
+    def counts(self) -> CacheCounts:
+        """Entries, pins, broken entries, bytes and per-user usage for `status`: one listing each of meta/,
+        objects/ and pins/ and one index row (the totals), plus an index look-up per broken entry."""
+        on_disk = self.store.meta_digests()
+        present = self.store.object_digests()
+        totals = self.index.totals()
+        size = totals["size_bytes"]
+        users = {int(uid): (row[0], row[1]) for uid, row in totals["users"].items()}
+        broken = [digest for digest in on_disk if digest not in present]
+        for digest in broken:  # status counts only what is served: broken entries' shares come off the totals
+            summary = self.index.summary(digest)
+            if summary is None:
+                continue
+            size -= summary["size_bytes"]
+            for uid in summary["users"]:
+                entries, size_bytes = users.get(uid, (1, summary["size_bytes"]))
+                users[uid] = (entries - 1, size_bytes - summary["size_bytes"])
+        pinned = self.store.pinned_digests()
+        return CacheCounts(
+            entries=len(on_disk) - len(broken),
+            pinned=sum(1 for digest in pinned if _has(on_disk, digest)),
+            broken=len(broken),
+            size_bytes=size,
+            users={uid: usage for uid, usage in users.items() if usage[0] > 0},
+        )
 
     def find(self, handle_or_id: str) -> ObjectMeta:
         """The object a handle or an id (or an unambiguous id prefix) names."""
@@ -791,7 +858,9 @@ class Engine:
         if alias is not None:
             handle_or_id = alias.handle
         if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
-            matches = {p.stem for p in self.store.meta_dir.glob(f"{handle_or_id}*.json")}
+            digests = self.store.meta_digests()  # sorted: the ids with this prefix are side by side
+            first = bisect.bisect_left(digests, handle_or_id)
+            matches = set(itertools.takewhile(lambda d: d.startswith(handle_or_id), digests[first : first + 2]))
             if len(matches) > 1:
                 raise UnknownModel(f"id prefix {handle_or_id!r} is ambiguous", "give more characters of the id")
             digest = matches.pop() if matches else None
@@ -914,6 +983,30 @@ class Engine:
         handle = meta.names[0] if meta.names else None
         self.audit.record("heal", None, meta.digest, handle, f"failed: {why}")
         return False
+
+
+@dataclass(frozen=True)
+class CacheCounts:
+    entries: int
+    pinned: int
+    broken: int
+    size_bytes: int
+    users: dict[int, tuple[int, int]]
+    """uid -> (entries, bytes) of the served entries that uid asked for."""
+
+
+_CREDENTIALS_CHECK = "forget-credentials"
+"""The index's record of when refs were last checked for credentials (`Engine._forget_credentials`)."""
+_VIEW_BUILT = "tfhub-view"
+"""The index's record of when the tensorflow_hub view was last relinked in full."""
+_NO_MANIFEST = TreeManifest()
+"""Entries listed from index summaries carry no manifest: listing never reads a tree's file list."""
+
+
+def _has(digests: Sequence[str], digest: str) -> bool:
+    """Whether the sorted `digests` hold `digest` (a binary search)."""
+    at = bisect.bisect_left(digests, digest)
+    return at < len(digests) and digests[at] == digest
 
 
 SPOOL_MAX_AGE = 7 * 86400

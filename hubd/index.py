@@ -44,7 +44,7 @@ _USED = "used:"
 _TOTALS = "totals"
 """{"entries": n, "size_bytes": s, "users": {"<uid>": [entries, size_bytes]}} over every summary."""
 _DONE = "done:"
-"""done:<job> -> when a one-off job (see `job_pending`) ran on this index; gone when the index is rebuilt."""
+"""done:<job> -> when a one-off job (see `last_run`) last ran on this index; gone when the index is rebuilt."""
 _BUILT = "built"
 _FORMAT = "format"
 INDEX_FORMAT = 3
@@ -330,14 +330,19 @@ class Index:
         self.rebuild()
         self._guarded("migrating", write, None)
 
-    def job_pending(self, job: str) -> bool:
-        """Whether the one-off `job` (a clean-up of what an older hubd left) has yet to run on this index: it
-        runs again after a rebuild, which is when the files may hold what it cleans up."""
-        done = self._guarded("reading", lambda: self._cache.get(_DONE + job), None, write=False)
-        return done is None
+    def last_run(self, job: str) -> float | None:
+        """When the one-off `job` (a clean-up of what an older hubd left, a catch-up of a derived view) last ran on
+        this index, or None: then it has to run in full (as after a rebuild, when the files may hold anything)."""
+        when = self._guarded("reading", lambda: self._cache.get(_DONE + job), None, write=False)
+        return float(when) if when is not None else None
 
-    def job_done(self, job: str) -> None:
-        self._guarded("recording a job", lambda: self._cache.set(_DONE + job, time.time()), None)
+    def forget_run(self, job: str) -> None:
+        """Make `job` run in full next time (what it keeps up was not kept up meanwhile)."""
+        self._guarded("recording a job", lambda: self._cache.delete(_DONE + job), None)
+
+    def ran(self, job: str, started: float) -> None:
+        """Record that `job` ran, having started at `started` (what it saw is what was there by then)."""
+        self._guarded("recording a job", lambda: self._cache.set(_DONE + job, started), None)
 
     # -- writes -----------------------------------------------------------------------------------------
 

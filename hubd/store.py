@@ -580,6 +580,29 @@ class Store:
             if ref is not None:
                 yield path.stem, ref
 
+    def refs_since(self, since: float | None) -> Iterator[Ref]:
+        """The refs written at or after `since` (epoch seconds; every ref when None). A ref is renamed into place,
+        which changes refs/'s mtime, so with nothing new this is one stat; else one listing and a stat per ref,
+        and only the new refs are read. Mtimes tick coarsely: LISTING_SETTLE_NS before `since` counts too."""
+        if since is None:
+            yield from self.iter_refs()
+            return
+        floor = int(since * 1e9) - LISTING_SETTLE_NS
+        if os.stat(self.refs).st_mtime_ns < floor:
+            return
+        with os.scandir(self.refs) as entries:
+            fresh = [
+                e.name[:-5]
+                for e in entries
+                if e.name.endswith(".json")
+                and not e.name.startswith(".")
+                and e.stat(follow_symlinks=False).st_mtime_ns >= floor
+            ]
+        for key in sorted(fresh):
+            ref = self.read_ref(key)
+            if ref is not None:
+                yield ref
+
     def object_digests(self) -> set[str]:
         """The digests of the published trees present (one directory listing; quarantined ones are not)."""
         with os.scandir(self.objects) as entries:

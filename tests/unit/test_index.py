@@ -210,12 +210,12 @@ def test_a_pickled_row_is_never_unpickled_and_the_index_is_rebuilt(store: Store,
     assert summary is not None and summary["digest"] == meta.digest  # rebuilt from the files, not unpickled
 
 
-def test_one_off_jobs_run_once_per_index_and_again_after_a_rebuild(index: Index) -> None:
-    assert index.job_pending("forget-credentials")
-    index.job_done("forget-credentials")
-    assert not index.job_pending("forget-credentials")
+def test_one_off_jobs_are_remembered_until_the_index_is_rebuilt(index: Index) -> None:
+    assert index.last_run("forget-credentials") is None
+    index.ran("forget-credentials", 1234.5)
+    assert index.last_run("forget-credentials") == 1234.5
     index.rebuild()
-    assert index.job_pending("forget-credentials")
+    assert index.last_run("forget-credentials") is None
 
 
 def test_the_meta_listing_sees_every_new_entry(store: Store) -> None:
