@@ -543,6 +543,8 @@ class Engine:
                 names=names,
             )
             await room.admit(meta.size_bytes)  # every check passed: only now may the quota cost others models
+            if not flight.interactive:  # a publish's fsyncs would queue the disk writes of someone waiting
+                await self._yield_to_interactive()
             flight.emit("publish", 0, None)
             await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
             if self.objectstore is not None:
