@@ -5,6 +5,7 @@ offline reader share. Changing anything pinned here means bumping LAYOUT_VERSION
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,13 +20,36 @@ from hubd_client.layout import CacheLayout
 from hubd_client.offline import lookup
 
 import hubd.layout
-from hubd.store import Store
+from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
-from tests.unit.trees import meta_of, ref_to, write_tree
+from hubd.tree import FileRecord, TreeManifest
 
 HANDLE = "https://tfhub.dev/google/model/1"
 DIGEST = "ab" * 32
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    cache = Store(tmp_path / "cache", fsync=False)
+    cache.ensure_layout()
+    return cache
+
+
+def publish(store: Store) -> tuple[ObjectMeta, Ref]:
+    """A minimal SavedModel published for HANDLE, as a fetch publishes it."""
+    source = parse_handle(HANDLE, AnyHost())
+    staging = store.new_staging()
+    manifest = TreeManifest()
+    for name, data in {"saved_model.pb": b"\x08\x01graph", "variables/variables.index": b"index"}.items():
+        (staging.tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging.tree / name).write_bytes(data)
+        manifest.files[name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
+    meta = ObjectMeta(manifest.digest(), "cd" * 32, manifest.total_bytes, 1_700_000_000.0, manifest, [])
+    ref = Ref(source.canonical, HANDLE, meta.digest, meta.archive_sha256, meta.fetched_at)
+    store.publish_entry(staging.tree, meta, [(source.ref_key, ref)])
+    staging.cleanup()
+    return meta, ref
 
 
 def test_the_daemon_and_the_client_share_one_layout_version() -> None:
@@ -74,12 +98,9 @@ def test_every_path_under_the_cache_root_is_pinned(
 def test_a_published_entry_is_these_files_in_these_formats(store: Store) -> None:
     """What an offline client, an older hubd and a migration read: the JSON keys are part of the layout."""
     source = parse_handle(HANDLE, AnyHost())
-    staging = store.new_staging()
-    meta = meta_of(write_tree(staging.tree), source.canonical)
-    store.publish_entry(staging.tree, meta, [(source.ref_key, ref_to(meta, source.canonical, HANDLE))])
-    staging.cleanup()
+    meta, ref_written = publish(store)
     store.pin(meta.digest, source.canonical)
-    TfhubView(store).link(ref_to(meta, source.canonical, HANDLE))
+    TfhubView(store).link(ref_written)
     root = store.root
 
     assert source.ref_key == layout.ref_key(source.canonical) and len(source.ref_key) == 32
@@ -104,11 +125,7 @@ def test_a_published_entry_is_these_files_in_these_formats(store: Store) -> None
 def test_the_offline_reader_finds_what_the_store_published_and_checks_it(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = parse_handle(HANDLE, AnyHost())
-    staging = store.new_staging()
-    meta = meta_of(write_tree(staging.tree), source.canonical)
-    store.publish_entry(staging.tree, meta, [(source.ref_key, ref_to(meta, source.canonical, HANDLE))])
-    staging.cleanup()
+    meta, _ref = publish(store)
     monkeypatch.setenv("HUBD_CACHE_DIR", str(store.root))
 
     assert lookup(HANDLE) == (str(store.root / "objects" / meta.digest), store.root)
