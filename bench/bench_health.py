@@ -31,8 +31,8 @@ sys.path[:0] = [str(REPO), str(REPO / "client")]
 from hubd_client.handles import parse_handle  # noqa: E402
 
 from hubd.config import Settings  # noqa: E402
-from hubd.extract import FileRecord, TreeManifest  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
+from hubd.tree import FileRecord, TreeManifest  # noqa: E402
 from tests.daemon import Daemon, call, start_daemon  # noqa: E402
 
 FLOOD = r"""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hubd.extract import GzipReader, SafeExtractor
+from hubd.extract import SafeExtractor
+from hubd.inflate import GzipReader
 
 CHUNK = 64 * 1024
 

@@ -1,11 +1,11 @@
-"""Streaming, safe extraction of a gzip-compressed tar into one directory; knows nothing of HTTP.
+"""Safe extraction of a tar stream into one directory; knows nothing of HTTP or gzip (hubd/inflate.py).
 
-The archive arrives in chunks and is unpacked as it arrives, so it is never held in memory or stored whole.
-Each member is checked before anything is written: no absolute paths, no ``..``, no links that leave the
-model directory (judged against the whole tree, not lexically), no devices, FIFOs or sparse files, no control
-characters or overlong names, no set-id bits, and caps on member count, total bytes and inflate ratio (which
-stop gzip and tar bombs before their bytes reach the disk). Every file is hashed while it is written; the
-result is the tree's manifest (hubd/tree.py).
+The tar arrives as a stream (inflated as it arrives, hubd/sink.py) and is unpacked as it is read, so it is never
+held in memory or stored whole. Each member is checked before anything is written: no absolute paths, no
+``..``, no links that leave the model directory (judged against the whole tree, not lexically), no devices,
+FIFOs or sparse files, no control characters or overlong names, no set-id bits, and caps on member count and
+total bytes (the inflate caps that stop gzip bombs are GzipReader's). Every file is hashed while it is
+written; the result is the tree's manifest (hubd/tree.py).
 """
 
 from __future__ import annotations
@@ -15,232 +15,21 @@ import hashlib
 import io
 import os
 import posixpath
-import queue
 import tarfile
-import threading
-import types
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, cast
 
 from hubd.errors import ArchiveTooLarge, DiskFull, NotAnArchive, UnsafeArchive
 from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeManifest
 
-__all__ = ["INFLATE_BACKEND", "FileRecord", "GzipReader", "ReadAhead", "SafeExtractor", "TreeManifest"]
+__all__ = ["SafeExtractor"]
 
-_inflate_lib: types.ModuleType
-try:  # ISA-L inflates about 1.5x faster than zlib (bench/inflate.py); zlib is the fallback.
-    from isal import isal_zlib
-
-    _inflate_lib, INFLATE_BACKEND = isal_zlib, "isal"
-    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, cast(type[Exception], isal_zlib.error))
-except ImportError:  # pragma: no cover - exercised only where isal is missing
-    _inflate_lib, INFLATE_BACKEND = zlib, "zlib"
-    _INFLATE_ERRORS = (zlib.error,)
-
-_GZIP_MAGIC = b"\x1f\x8b"
 _WRITE_CHUNK = 1 << 20
-_OUT_CHUNK = 1 << 20
-# Deflate's best is 1032:1. Real SavedModels (float weights, protobufs) inflate well under 10:1; a tar of empty
-# files about 100:1 (one 512-byte header each). The allowance lets a small archive's padding through.
-MAX_INFLATE_RATIO = 200
-_RATIO_ALLOWANCE = 16 << 20
-TRAILING_ALLOWANCE = 1 << 20  # compressed bytes accepted after the tar's end (tar and gzip padding)
 # Linux allows 255 bytes per name and 4,096 per path; a model's paths are far shorter. Refusing longer names
 # up front turns ENAMETOOLONG deep in a write into a clear refusal.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
 _REFUSED = "the archive is hostile or malformed; it was not used"
-
-
-class GzipReader(io.RawIOBase):
-    """A readable stream of the inflated bytes of a gzip stream pulled from `read_compressed`.
-
-    Output is produced in bounded pieces (never more than asked for), so a gzip bomb cannot balloon memory.
-    Two budgets stop bombs before their bytes reach the disk: an absolute cap (`max_bytes`), and an inflate
-    ratio: at no point may the output pass `max_ratio` times the compressed bytes read so far (plus a small
-    allowance), which real models never approach and a bomb (deflate reaches 1032:1) passes at once.
-    Concatenated gzip members are read as one stream, as gzip(1) does.
-    """
-
-    def __init__(
-        self,
-        read_compressed: Callable[[], bytes],
-        max_bytes: int,
-        max_ratio: int = MAX_INFLATE_RATIO,
-    ) -> None:
-        self._read_compressed = read_compressed
-        self._max_bytes = max_bytes
-        self._max_ratio = max_ratio
-        self._inflater = _inflate_lib.decompressobj(wbits=31)
-        self._pending = b""
-        self._produced = 0
-        self._consumed = 0
-        self._trailing = 0
-        self._started = False
-        self._padding = False  # the last member has ended; what follows is padding
-        self._input_ended = False  # read_compressed has returned b"" (it is not asked again)
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._inflate(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def _inflate(self, want: int) -> bytes:
-        while not self._eof:
-            if not self._pending:
-                self._pending = self._next_compressed()
-                if not self._pending:
-                    if not self._inflater.eof:
-                        raise NotAnArchive("the archive ends early (truncated gzip stream)", "fetch it again")
-                    self._eof = True
-                    break
-            if self._inflater.eof:
-                if not self._padding and len(self._pending) < len(_GZIP_MAGIC) and not self._input_ended:
-                    # A member ended and the next one's magic may straddle a read boundary: never judge
-                    # "not a new member" on fewer than 2 bytes while more input may come.
-                    self._pending += self._next_compressed()
-                    continue
-                if self._padding or self._pending[:2] != _GZIP_MAGIC:
-                    # Padding after the last member: gzip(1) ignores it too, but not without end. Once padding
-                    # has begun, everything after it is padding, however the stream happens to be cut up.
-                    self._padding = True
-                    self._trailing += len(self._pending)
-                    self._pending = b""
-                    check_trailing(self._trailing)
-                    continue
-                # A new gzip member follows the previous one.
-                self._inflater = _inflate_lib.decompressobj(wbits=31)
-            try:
-                out: bytes = self._inflater.decompress(self._pending, min(want, _OUT_CHUNK))
-            except _INFLATE_ERRORS as exc:
-                raise NotAnArchive(f"the archive is corrupt: {exc}", "fetch it again") from None
-            if self._inflater.eof:
-                self._pending = self._inflater.unused_data
-            else:
-                self._pending = self._inflater.unconsumed_tail
-            if out:
-                self._produced += len(out)
-                self._check_budget()
-                return out
-        return b""
-
-    def _check_budget(self) -> None:
-        if self._produced > self._max_bytes:
-            raise ArchiveTooLarge(
-                f"the archive inflates past the limit of {self._max_bytes} bytes (a gzip bomb?)",
-                "raise HUBD_MAX_EXTRACT_BYTES if this model really is that large",
-            )
-        consumed = self._consumed - len(self._pending)
-        if self._produced > self._max_ratio * consumed + _RATIO_ALLOWANCE:
-            raise ArchiveTooLarge(
-                f"the archive inflates more than {self._max_ratio} times its compressed size "
-                f"({self._produced} bytes from {consumed}): a gzip bomb",
-                "a real model does not compress that well; the archive was not used",
-            )
-
-    def _next_compressed(self) -> bytes:
-        if self._input_ended:
-            return b""
-        chunk = self._read_compressed()
-        if not self._started:
-            # Sniff the magic on the first two bytes, however the stream happens to be cut into chunks.
-            while chunk and len(chunk) < len(_GZIP_MAGIC):
-                more = self._read_compressed()
-                if not more:
-                    self._input_ended = True
-                    break
-                chunk += more
-            if chunk:
-                self._started = True
-                if chunk[:2] != _GZIP_MAGIC:
-                    snippet = chunk[:60].decode("latin-1").replace("\n", " ")
-                    raise NotAnArchive(
-                        f"the server did not send a gzip archive (it starts with {snippet!r})",
-                        "check that the handle points at a model; an HTML page usually means a login or error "
-                        "page",
-                    )
-        if not chunk:
-            self._input_ended = True
-        self._consumed += len(chunk)
-        return chunk
-
-
-def check_trailing(count: int) -> None:
-    """Bytes after the archive's end are padding up to a point; an upstream that keeps sending is refused."""
-    if count > TRAILING_ALLOWANCE:
-        raise NotAnArchive(
-            f"the upstream sent more than {TRAILING_ALLOWANCE} bytes after the archive's end",
-            "the server is misbehaving (or the URL is not a model archive); nothing was cached",
-        )
-
-
-class ReadAhead(io.RawIOBase):
-    """Reads `source` in a thread of its own, so inflating overlaps with writing files (both release the GIL).
-
-    On a 2-core machine this takes a 400 MB model's extraction from inflate + write in series to about the
-    slower of the two (bench/bench_fetch.py). Errors raised by `source` are re-raised to the reader.
-    """
-
-    def __init__(self, source: io.RawIOBase, depth: int = 8) -> None:
-        self._source = source
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
-        self._closed = threading.Event()
-        self._buffer = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._pump, name="hubd-inflate", daemon=True)
-        self._thread.start()
-
-    def readable(self) -> bool:
-        return True
-
-    def _pump(self) -> None:
-        try:
-            while not self._closed.is_set():
-                chunk = self._source.read(_OUT_CHUNK)
-                self._put(chunk or b"")
-                if not chunk:
-                    return
-        except BaseException as exc:
-            self._put(exc)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def readinto(self, buffer: Any) -> int:
-        if not self._buffer:
-            if self._eof:
-                return 0
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-                return 0
-            self._buffer = memoryview(item)
-        view = memoryview(buffer).cast("B")
-        size = min(len(view), len(self._buffer))
-        view[:size] = self._buffer[:size]
-        self._buffer = self._buffer[size:]
-        return size
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        super().close()
 
 
 class SafeExtractor:
@@ -264,11 +53,8 @@ class SafeExtractor:
         self._dest_str = str(dest)
 
     def extract_stream(self, stream: io.RawIOBase) -> TreeManifest:
-        reader = ReadAhead(stream)
-        try:
-            return self._extract(io.BufferedReader(reader, buffer_size=_WRITE_CHUNK))
-        finally:
-            reader.close()
+        """Unpack the tar read from `stream` (inflated bytes); the manifest of what was written."""
+        return self._extract(io.BufferedReader(stream, buffer_size=_WRITE_CHUNK))
 
     def _extract(self, buffered: io.BufferedReader) -> TreeManifest:
         try:

@@ -47,6 +47,10 @@ class ChunkSink(Protocol):
 
     async def restart(self) -> None: ...
 
+    def expect(self, total: int | None) -> None:
+        """The archive's announced size (None: unknown), before its first byte is fed."""
+        ...
+
 
 @dataclass
 class FetchResult:
@@ -504,6 +508,7 @@ class Download:
         if state is None:
             return
         self._validator, self._resume_url, self._total = state.validator, state.resume_url, state.total
+        self.sink.expect(self._total)
         if self._total is not None and self.on_size is not None:
             await self.on_size(self._total)
         self.on_progress("resume", 0, state.length)
@@ -593,6 +598,7 @@ class Download:
         archive, tree = response.headers.get("X-Hubd-Archive-Sha256"), response.headers.get("X-Hubd-Tree-Digest")
         self._result.hubd_claim = (archive, tree) if archive and tree else None
         self._result.hubd_claim_signature = response.headers.get("X-Hubd-Claim-Signature", "")
+        self.sink.expect(self._total)
         if self.spool is not None:
             if self._resume_url and self._validator:
                 state = SpoolState(self.url, self._resume_url, self._validator, self._total)

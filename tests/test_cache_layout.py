@@ -15,8 +15,9 @@ import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.config import Settings
-from hubd.extract import GzipReader, SafeExtractor
+from hubd.extract import SafeExtractor
 from hubd.index import Index
+from hubd.inflate import GzipReader
 from hubd.layout import LAYOUT_VERSION, VERSION_FILE, LayoutTooNew
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name

@@ -1,0 +1,125 @@
+"""The spool-then-parallel path (rapidgzip in a capped child) gives the streaming path's results and verdicts.
+
+Each test feeds a real archive through `StreamingExtraction` as a download would, with the parallel path forced
+on (2 threads, whatever the machine's cores), and checks what lands on disk or which error comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hubd import parallel_inflate
+from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
+from hubd.parallel_inflate import AUTO_MIN_CORES, MIN_PARALLEL_BYTES, choose_threads
+from hubd.sink import StreamingExtraction
+from hubd.tree import TreeManifest
+from tests import hostile
+
+pytestmark = pytest.mark.skipif(not parallel_inflate.available(), reason="rapidgzip is not installed")
+
+FILES = {
+    "saved_model.pb": b"\x08\x01graph",
+    "variables/variables.index": b"index",
+    "variables/variables.data-00000-of-00001": os.urandom(3_000_000),
+}
+
+
+def archive(files: dict[str, bytes]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), compresslevel=1)
+
+
+async def feed_all(dest: Path, data: bytes, threads: str, max_bytes: int = 2**30) -> TreeManifest:
+    sink = StreamingExtraction(dest, max_bytes=max_bytes, max_members=1000, fsync=False, inflate_threads=threads)
+    sink.expect(len(data))
+    try:
+        for i in range(0, len(data), 65536):
+            if not await sink.feed(data[i : i + 65536]):
+                break
+        return await sink.finish()
+    except BaseException:
+        await sink.abort()
+        raise
+
+
+def both(tmp_path: Path, data: bytes, max_bytes: int = 2**30) -> tuple[object, object]:
+    """The outcome (manifest digest, or error class) of the streaming and the parallel path."""
+    outcomes: list[object] = []
+    for threads in ("0", "2"):
+        try:
+            outcomes.append(asyncio.run(feed_all(tmp_path / f"tree-{threads}", data, threads, max_bytes)).digest())
+        except HubdError as exc:
+            outcomes.append(type(exc))
+    return outcomes[0], outcomes[1]
+
+
+def test_the_parallel_path_unpacks_the_same_tree(tmp_path: Path) -> None:
+    manifest = asyncio.run(feed_all(tmp_path / "tree", archive(FILES), "2"))
+    for name, data in FILES.items():
+        assert (tmp_path / "tree" / name).read_bytes() == data
+        assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
+    assert not (tmp_path / "tree.tar.gz").exists()  # the spool is gone once the tree is out
+
+
+def test_one_thread_and_two_agree(tmp_path: Path) -> None:
+    data = archive(FILES)
+    one = asyncio.run(feed_all(tmp_path / "one", data, "1"))
+    two = asyncio.run(feed_all(tmp_path / "two", data, "2"))
+    assert one.digest() == two.digest()
+
+
+def test_a_truncated_archive_is_refused_as_the_streaming_path_refuses_it(tmp_path: Path) -> None:
+    streaming, parallel = both(tmp_path, hostile.truncated(archive(FILES)))
+    assert streaming is parallel is NotAnArchive
+
+
+def test_a_gzip_bomb_is_refused(tmp_path: Path) -> None:
+    streaming, parallel = both(tmp_path, hostile.gzip_bomb(2**30), max_bytes=8 * 2**20)
+    assert streaming is parallel is ArchiveTooLarge
+
+
+def test_a_page_that_is_not_gzip_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(NotAnArchive, match="did not send a gzip archive"):
+        asyncio.run(feed_all(tmp_path / "tree", hostile.not_gzip(), "2"))
+
+
+def test_padding_after_the_archive_is_accepted_as_when_streaming(tmp_path: Path) -> None:
+    streaming, parallel = both(tmp_path, archive(FILES) + bytes(4096))
+    assert streaming == parallel and isinstance(parallel, str)
+
+
+def test_concatenated_gzip_members_are_one_archive(tmp_path: Path) -> None:
+    raw = gzip.decompress(archive(FILES))
+    split = gzip.compress(raw[:1_000_000]) + gzip.compress(raw[1_000_000:])
+    streaming, parallel = both(tmp_path, split)
+    assert streaming == parallel and isinstance(parallel, str)
+
+
+@pytest.mark.parametrize("name", ["traversal", "absolute", "symlink_escape"])
+def test_hostile_members_are_refused_on_the_parallel_path(tmp_path: Path, name: str) -> None:
+    corpus = hostile.hostile_corpus(str(tmp_path / "outside"))
+    with pytest.raises(UnsafeArchive):
+        asyncio.run(feed_all(tmp_path / "tree", corpus[name], "2"))
+    assert not (tmp_path / "outside").exists()
+
+
+def test_the_path_is_chosen_by_setting_size_and_cores() -> None:
+    assert choose_threads("0", 10 * MIN_PARALLEL_BYTES) == 0
+    assert choose_threads("3", 1) == 3  # forced on, whatever the size
+    assert choose_threads("8", None) == 0  # no announced size: only streaming bounds what comes after the end
+    cores = len(os.sched_getaffinity(0))
+    assert choose_threads(None, MIN_PARALLEL_BYTES) == (cores if cores >= AUTO_MIN_CORES else 0)
+    assert choose_threads("auto", MIN_PARALLEL_BYTES - 1) == 0
