@@ -1,5 +1,7 @@
 """The cache's layout version: old caches (version 1 digests) migrate at start-up, crash-safely; newer ones are
-refused with a remedy, by the daemon and by the client's offline reader alike."""
+refused with a remedy, by the daemon and by the client's offline reader alike. The paths and file formats
+themselves are pinned as a contract in tests/unit/test_layout_contract.py (one definition, hubd_client.layout,
+for the daemon and the client)."""
 
 from __future__ import annotations
 
