@@ -126,7 +126,7 @@ class Index:
     def __init__(self, store: Store, users_of: Callable[[str], Iterable[int]] | None = None) -> None:
         """`users_of(digest)`: who asked for an entry (the catalog's record), read when rebuilding."""
         self.store = store
-        self.path = store.root / "index"
+        self.path = store.layout.index
         self.users_of = users_of
         self._repair_lock = threading.Lock()
         self._generation = 0

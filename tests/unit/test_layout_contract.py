@@ -150,7 +150,6 @@ KNOWN_OUTSIDE = {
     ("hubd/catalog.py", "users"),
     ("hubd/catalog.py", "aliases.json"),
     ("hubd/audit.py", "audit"),
-    ("hubd/index.py", "index"),
 }
 _NAMES = "|".join(
     re.escape(name)
