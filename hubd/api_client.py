@@ -157,9 +157,23 @@ class DaemonClient:
     async def resolve(self, handle: str, sha256: str | None = None) -> Entry:
         return Entry.model_validate(await self._json("POST", "/v1/resolve", {"handle": handle, "sha256": sha256}))
 
-    async def entries(self) -> list[Entry]:
-        data = await self._json("GET", "/v1/models")
-        return [Entry.model_validate(e) for e in data["models"]]
+    async def entries(self, page: int = 1000) -> list[Entry]:
+        """Every model, a page of `page` at a time (a daemon before pagination answers all at once)."""
+        found: list[Entry] = []
+        async for data in self._pages("/v1/models", page):
+            found += (Entry.model_validate(e) for e in data["models"])
+        return found
+
+    async def _pages(self, path: str, page: int) -> AsyncIterator[dict[str, Any]]:
+        """The answers of a paginated GET, following `next_cursor` to the last page."""
+        cursor: str | None = None
+        while True:
+            query = "?" + urlencode({"limit": page, **({"cursor": cursor} if cursor else {})})
+            data = dict(await self._json("GET", path + query))
+            yield data
+            cursor = data.get("next_cursor")
+            if not cursor:
+                return
 
     async def remove(self, model_id: str, force: bool = False) -> Entry:
         query = "?force=1" if force else ""
@@ -181,8 +195,14 @@ class DaemonClient:
         body = {"dry_run": dry_run, "max_size": max_size}
         return dict(await self._json("POST", "/v1/gc", body, long=True))
 
-    async def status(self) -> dict[str, Any]:
-        return dict(await self._json("GET", "/v1/status"))
+    async def status(self, page: int = 1000) -> dict[str, Any]:
+        """The cache's status with every user's usage (fetched a page of `page` users at a time)."""
+        status: dict[str, Any] = {}
+        async for data in self._pages("/v1/status", page):
+            users = [*status.get("users", []), *data.get("users", [])]
+            status = {**data, "users": users}
+        status.pop("next_cursor", None)
+        return status
 
     async def export_bundle(
         self,

@@ -568,7 +568,7 @@ def _status(args: argparse.Namespace) -> int:
     async def in_process(engine: Engine) -> int:
         from hubd.server.routes import cache_status
 
-        return show((await cache_status(engine)).model_dump())
+        return show((await cache_status(engine)).model_dump(exclude={"next_cursor"}))
 
     return asyncio.run(_run(args, via_daemon, in_process))
 

@@ -133,6 +133,8 @@ class Index:
         self._cache, self._identity = self._open()
         self._used: dict[str, float] = {}
         self._flushed = time.monotonic()
+        self.on_touch: Callable[[str], None] | None = None
+        """Called with the digest of each use (from any thread): the watcher watches what is in use."""
         self.caught_up = False
         """Whether opening it had to bring it up to date with the files (a rebuild, or a reconcile after a
         crash): derived views (tfhub_modules/) may be behind too."""
@@ -402,6 +404,8 @@ class Index:
         """Record a use. Kept in memory and written by `flush`: a SQLite write per cache hit would cap the
         daemon's resolve rate, and last-use times only need to be roughly right for eviction."""
         self._used[digest] = time.time()
+        if self.on_touch is not None:
+            self.on_touch(digest)
         if time.monotonic() - self._flushed > _FLUSH_SECONDS:
             self.flush()
 

@@ -506,7 +506,10 @@ class Store:
         A listing is reused only while meta/'s mtime is what it was, and only if that mtime was already
         LISTING_SETTLE_NS old when the listing was taken: mtimes tick coarsely, so a file added within the same
         tick as the listing would otherwise leave the mtime as it was and go unseen."""
-        mtime = os.stat(self.meta_dir).st_mtime_ns
+        try:
+            mtime = os.stat(self.meta_dir).st_mtime_ns
+        except FileNotFoundError:  # a cache not laid out yet holds nothing
+            return ()
         cached = self._meta_listing
         if cached is not None and cached[0] == mtime:
             return cached[1]

@@ -86,7 +86,12 @@ class Status(_Strict):
     size_bytes: int
     max_size: int | None
     upstream: Upstream
-    users: list[UserUsage] = []
+    users: list[UserUsage] = Field(
+        [], description="Usage per uid, largest first: a page of at most `limit` (query), from `cursor` (query)."
+    )
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page of users; None: the last."
+    )
 
 
 class Unpinned(_Strict):
@@ -110,7 +115,11 @@ class Health(_Strict):
 
 
 class ModelList(_Strict):
-    models: list[Entry]
+    models: list[Entry] = Field(
+        description="A page of at most `limit` (query, default 1000, at most 10000) models in id order, after "
+        "`cursor` (query)."
+    )
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; None: the last page.")
 
 
 class VerifyResult(_Strict):

@@ -279,9 +279,33 @@ async def _write_or_give_up(
         return False
 
 
+PAGE = 1000
+"""Models (or users, in status) per page when the query gives no `limit`."""
+MAX_PAGE = 10_000
+_MODELS_CURSOR = re.compile(r"^[0-9a-f]{64}$")
+_USERS_CURSOR = re.compile(r"^[0-9]{1,9}$")
+
+
+def _page(request: web.Request, cursor_form: re.Pattern[str]) -> tuple[int, str | None]:
+    """`limit` and `cursor` of a paginated GET: a page size of 1 to MAX_PAGE, and a cursor from a previous page."""
+    try:
+        limit = int(request.query.get("limit", PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_PAGE}", f"e.g. ?limit={PAGE}")
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and not cursor_form.match(cursor):
+        raise BadRequest("not a cursor of this listing", "pass the `next_cursor` of the previous page as it came")
+    return limit, cursor
+
+
 async def list_models(request: web.Request) -> web.Response:
-    # Reads every entry's meta file: off the event loop, so a large cache does not stall other requests.
-    return json_response(ModelList(models=await asyncio.to_thread(_engine(request).list_entries)))
+    """GET /v1/models?limit=&cursor=: a page of models in id order and the cursor of the next page. A page costs
+    an index look-up per model on it, whatever the cache's size; off the event loop all the same."""
+    limit, cursor = _page(request, _MODELS_CURSOR)
+    models, following = await asyncio.to_thread(_engine(request).list_page, limit, cursor)
+    return json_response(ModelList(models=models, next_cursor=following))
 
 
 def _model_id(request: web.Request) -> str:
@@ -332,28 +356,30 @@ async def gc(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(await cache_status(_engine(request)))
+    """GET /v1/status?limit=&cursor=: the cache's figures, with a page of its per-user usage."""
+    limit, cursor = _page(request, _USERS_CURSOR)
+    return json_response(await cache_status(_engine(request), limit, int(cursor) if cursor else 0))
 
 
-async def cache_status(engine: Engine) -> Status:
-    entries = await asyncio.to_thread(engine.list_entries)
+async def cache_status(engine: Engine, limit: int | None = None, offset: int = 0) -> Status:
+    """Counted from the index's totals and three directory listings (`Engine.counts`), never every entry."""
+    counts = await asyncio.to_thread(engine.counts)
     url, reachable, detail = await engine.check_upstream()
-    usage: dict[int, UserUsage] = {}
-    for entry in entries:
-        if entry.state != "ok":
-            continue
-        for uid in entry.users:
-            row = usage.setdefault(uid, UserUsage(uid=uid, user=user_name(uid), entries=0, size_bytes=0))
-            row.entries += 1
-            row.size_bytes += entry.size_bytes
+    ranked = sorted(counts.users.items(), key=lambda item: (-item[1][1], item[0]))
+    end = len(ranked) if limit is None else min(len(ranked), offset + limit)
+    users = [
+        UserUsage(uid=uid, user=user_name(uid), entries=entries, size_bytes=size_bytes)
+        for uid, (entries, size_bytes) in ranked[offset:end]
+    ]
     return Status(
-        users=sorted(usage.values(), key=lambda u: -u.size_bytes),
+        users=users,
+        next_cursor=str(end) if end < len(ranked) else None,
         cache_dir=str(engine.settings.cache_dir),
         offline=engine.settings.offline,
-        entries=sum(1 for e in entries if e.state == "ok"),
-        pinned=sum(1 for e in entries if e.pinned),
-        broken=sum(1 for e in entries if e.state != "ok"),
-        size_bytes=sum(e.size_bytes for e in entries if e.state == "ok"),
+        entries=counts.entries,
+        pinned=counts.pinned,
+        broken=counts.broken,
+        size_bytes=counts.size_bytes,
         max_size=engine.settings.max_size,
         upstream=Upstream(url=url, reachable=reachable, detail=detail),
     )
