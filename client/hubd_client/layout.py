@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 LAYOUT_VERSION = 2
@@ -73,121 +74,123 @@ def descriptor_of(link: Path) -> Path:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The paths of a cache rooted at `root`; builds paths only, never touches the disk (but `version`)."""
+    """The paths of a cache rooted at `root`; builds paths only, never touches the disk (but `stored_version`).
+
+    The directories are joined once (cached), so a path on the cache-hit path costs one join."""
 
     root: Path
 
-    @property
+    @cached_property
     def objects(self) -> Path:
         return self.root / OBJECTS
 
-    @property
+    @cached_property
     def meta_dir(self) -> Path:
         return self.root / META
 
-    @property
+    @cached_property
     def refs(self) -> Path:
         return self.root / REFS
 
-    @property
+    @cached_property
     def pins(self) -> Path:
         return self.root / PINS
 
-    @property
+    @cached_property
     def staging(self) -> Path:
         return self.root / STAGING
 
-    @property
+    @cached_property
     def pending(self) -> Path:
         return self.root / PENDING
 
-    @property
+    @cached_property
     def quarantine(self) -> Path:
         return self.root / QUARANTINE
 
-    @property
+    @cached_property
     def locks(self) -> Path:
         return self.root / LOCKS
 
-    @property
+    @cached_property
     def index(self) -> Path:
         return self.root / INDEX
 
-    @property
+    @cached_property
     def view(self) -> Path:
         return self.root / VIEW
 
-    @property
+    @cached_property
     def partial(self) -> Path:
         return self.root / PARTIAL
 
-    @property
+    @cached_property
     def users(self) -> Path:
         return self.root / USERS
 
-    @property
+    @cached_property
     def audit(self) -> Path:
         return self.root / AUDIT
 
-    @property
+    @cached_property
     def aliases(self) -> Path:
         return self.root / ALIASES
 
-    @property
+    @cached_property
     def version_file(self) -> Path:
         return self.root / VERSION_FILE
 
-    @property
+    @cached_property
     def cachedir_tag(self) -> Path:
         return self.root / CACHEDIR_TAG
 
     def object(self, digest: str) -> Path:
-        return self.root / OBJECTS / digest
+        return self.objects / digest
 
     def meta(self, digest: str) -> Path:
-        return self.root / META / f"{digest}.json"
+        return self.meta_dir / f"{digest}.json"
 
     def ref(self, key: str) -> Path:
-        return self.root / REFS / f"{key}.json"
+        return self.refs / f"{key}.json"
 
     def pin(self, digest: str) -> Path:
-        return self.root / PINS / f"{digest}.json"
+        return self.pins / f"{digest}.json"
 
     def lock(self, key: str) -> Path:
         """locks/<key>.lock: a ref's single-flight flock; also the named locks (`gc`, `layout`)."""
-        return self.root / LOCKS / f"{key}.lock"
+        return self.locks / f"{key}.lock"
 
     def object_lock(self, digest: str) -> Path:
         return self.lock(f"object-{digest}")
 
     def pending_intent(self, key: str) -> Path:
-        return self.root / PENDING / f"{key}.json"
+        return self.pending / f"{key}.json"
 
     def pending_meta(self, key: str) -> Path:
-        return self.root / PENDING / f"{key}.meta.json"
+        return self.pending / f"{key}.meta.json"
 
     def quarantined(self, digest: str, millis: int) -> Path:
         """quarantine/<digest>.<ms>/: a tree set aside at that time, with `quarantine_reason` beside it."""
-        return self.root / QUARANTINE / f"{digest}.{millis}"
+        return self.quarantine / f"{digest}.{millis}"
 
     def quarantine_reason(self, quarantined: Path) -> Path:
         return quarantined.with_name(f"{quarantined.name}.reason")
 
     def staging_dir(self, token: str) -> Path:
         """staging/<token>/: a private work directory, held by a flock on `staging_lock(token)`."""
-        return self.root / STAGING / token
+        return self.staging / token
 
     def staging_lock(self, token: str) -> Path:
-        return self.root / STAGING / f"{token}.lock"
+        return self.staging / f"{token}.lock"
 
     def view_link(self, name: str) -> Path:
-        return self.root / VIEW / name
+        return self.view / name
 
     def view_descriptor(self, name: str) -> Path:
         return descriptor_of(self.view_link(name))
 
     def user_record(self, digest: str) -> Path:
-        return self.root / USERS / f"{digest}.json"
+        return self.users / f"{digest}.json"
 
     def stored_version(self) -> int | None:
         """The version in `layout-version`, None when there is none; ValueError when it holds no integer."""
