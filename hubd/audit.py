@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from hubd_client.layout import CacheLayout
 from pydantic import BaseModel, ConfigDict
 
 from hubd.errors import BadRequest
@@ -51,7 +52,7 @@ class AuditRecord(BaseModel):
 
 class AuditLog:
     def __init__(self, cache_dir: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP, fsync: bool = True) -> None:
-        self.dir = cache_dir / "audit"
+        self.dir = CacheLayout(cache_dir).audit
         self.path = self.dir / "audit.jsonl"
         self.max_bytes = max_bytes
         self.keep = keep

@@ -28,6 +28,8 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
 
+from hubd_client.kinds import KINDS
+from hubd_client.layout import ref_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hubd import __version__
@@ -115,7 +117,7 @@ def plan_export(engine: Engine, digests: list[str]) -> BundleHeader:
             raise VerificationFailed(f"model {digest[:12]} is not cached", "see `hubd ls`")
         refs = []
         for canonical in meta.names:
-            ref = engine.store.read_ref(_ref_key(canonical))
+            ref = engine.store.read_ref(ref_key(canonical))
             if ref is not None and ref.digest == digest:
                 refs.append(BundleRef(canonical=ref.canonical, handle=ref.handle))
         if not refs:
@@ -427,7 +429,7 @@ def _publish(engine: Engine, tree: Path, meta: ObjectMeta, entry: BundleEntry) -
     refs: list[tuple[str, Ref]] = []
     for given in entry.refs:
         source = engine.parse(given.handle)
-        if source.kind == "local" or source.canonical != given.canonical:
+        if not KINDS[source.kind].fetched or source.canonical != given.canonical:
             raise BadRequest(f"the bundle's handle {given.handle!r} is not {given.canonical!r}", "")
         refs.append((source.ref_key, Ref(source.canonical, given.handle, meta.digest, meta.archive_sha256, 0)))
     quota = engine.settings.max_size
@@ -481,12 +483,6 @@ def _result(position: int, total: int, entry: BundleEntry, error: HubdError | No
         code=error.code if error is not None else "",
         message=error.message if error is not None else "",
     )
-
-
-def _ref_key(canonical: str) -> str:
-    from hubd_client.handles import Source
-
-    return Source("url", canonical, canonical).ref_key
 
 
 def describe(result: ImportResult) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hubd_client.layout import CacheLayout
+
 from hubd.errors import HubdError
 
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
@@ -69,8 +71,9 @@ class Claim:
 
 class Catalog:
     def __init__(self, cache_dir: Path, fsync: bool = True) -> None:
-        self.users_dir = cache_dir / "users"
-        self.aliases_path = cache_dir / "aliases.json"
+        self.layout = CacheLayout(cache_dir)
+        self.users_dir = self.layout.users
+        self.aliases_path = self.layout.aliases
         self.fsync = fsync
         self._users: dict[str, frozenset[int]] = {}
         self._aliases: dict[str, Alias] = {}
@@ -125,7 +128,7 @@ class Catalog:
         self._users_file(digest).unlink(missing_ok=True)
 
     def _users_file(self, digest: str) -> Path:
-        return self.users_dir / f"{digest}.json"
+        return self.layout.user_record(digest)
 
     # -- aliases -------------------------------------------------------------------------------------
 

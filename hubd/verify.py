@@ -14,6 +14,8 @@ import stat
 from contextlib import suppress
 from pathlib import Path
 
+from hubd_client.layout import quick_problems as _quick
+
 from hubd.tree import PROTECTED_DIR, PROTECTED_FILES, TreeManifest
 
 _SHARD = re.compile(r"^variables\.data-(\d{5})-of-(\d{5})$")
@@ -52,35 +54,9 @@ def structural_problems(tree: Path) -> list[str]:
 
 
 def quick_problems(tree: Path, manifest: TreeManifest) -> list[str]:
-    """Every recorded file exists with its recorded size; every recorded link still points where it did."""
-    problems: list[str] = []
-    root = str(tree)
-    if not os.path.isdir(root):
-        return [f"{tree} is missing"]
-    for name, record in manifest.files.items():  # on every cache hit: one lstat per file, no pathlib
-        try:
-            st = os.lstat(f"{root}/{name}")
-        except (FileNotFoundError, NotADirectoryError):
-            problems.append(f"{name}: deleted")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{name}: no longer a regular file")
-        elif st.st_size != record.size:
-            problems.append(f"{name}: size {st.st_size}, expected {record.size}")
-    if manifest.symlinks:
-        real_root = os.path.realpath(root)
-        for name, target in manifest.symlinks.items():
-            try:
-                if os.readlink(f"{root}/{name}") != target:
-                    problems.append(f"{name}: link changed")
-                    continue
-            except OSError:
-                problems.append(f"{name}: link deleted")
-                continue
-            real = os.path.realpath(f"{root}/{name}")  # against the real tree, not the recorded target
-            if os.path.commonpath([real_root, real]) != real_root or not os.path.exists(real):
-                problems.append(f"{name}: link resolves outside the model")
-    return problems
+    """Every recorded file exists with its recorded size; every recorded link still points where it did (the
+    check the client's offline reader runs too: one implementation, in hubd_client.layout)."""
+    return _quick(tree, ((n, r.size) for n, r in manifest.files.items()), manifest.symlinks)
 
 
 def _link_problems(tree: Path) -> list[str]:

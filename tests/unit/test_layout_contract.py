@@ -145,12 +145,6 @@ def test_the_offline_reader_refuses_a_layout_it_does_not_know(
     assert refused.value.code == "cache_layout_unsupported" and "upgrade hubd_client" in refused.value.hint
 
 
-# Paths still built outside hubd_client.layout, by modules other helpers own: move each to CacheLayout.
-KNOWN_OUTSIDE = {
-    ("hubd/catalog.py", "users"),
-    ("hubd/catalog.py", "aliases.json"),
-    ("hubd/audit.py", "audit"),
-}
 _NAMES = "|".join(
     re.escape(name)
     for name in (
@@ -175,4 +169,4 @@ def test_no_module_but_the_layout_joins_a_cache_directory_name_onto_a_path() -> 
         for path in sorted((REPO / package).rglob("*.py")):
             for match in _JOINED.finditer(path.read_text()):
                 found.add((str(path.relative_to(REPO)), match.group(1)))
-    assert found - KNOWN_OUTSIDE == set(), "build cache paths with hubd_client.layout.CacheLayout (store.layout)"
+    assert found == set(), "build cache paths with hubd_client.layout.CacheLayout (store.layout)"
