@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rate-mib", type=float, default=0.0)
     parser.add_argument("--no-fsync", action="store_true", help="HUBD_FSYNC=0: leave the disk's share out")
+    parser.add_argument(
+        "--daemon-cpus",
+        help="run the daemon alone on these CPUs (taskset list, e.g. 0,1): a small workstation whose upstreams "
+        "run elsewhere; run the bench itself on the other CPUs (taskset -c 2-15 python ...)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hubd-bench-priority-", dir="/tmp"))
@@ -124,7 +129,11 @@ def main() -> None:
     prefetch_s: list[float] = []
     try:
         settings = Settings(cache_dir=work / "cache", http_hosts=[small.host(), large.host()])
-        d = start_daemon(settings, work, env_extra={"HUBD_FSYNC": "0"} if args.no_fsync else None)
+        env = {"HUBD_FSYNC": "0"} if args.no_fsync else None
+        cpus = args.daemon_cpus
+        d = start_daemon(
+            settings, work, env_extra=env, wrap=(lambda cmd: ["taskset", "-c", cpus, *cmd]) if cpus else None
+        )
         try:
             fresh = iter(small_paths)
             time_to_ready(d, small.handle(next(fresh)))  # warm-up: imports, first connection
@@ -159,6 +168,7 @@ def main() -> None:
         "large_mb": args.large_mb,
         "rate_mib_per_stream": args.rate_mib or None,
         "fsync": not args.no_fsync,
+        "daemon_cpus": args.daemon_cpus,
         "repeat": args.repeat,
         "small_alone_s": statistics.median(alone),
         "small_during_prefetch_s": statistics.median(busy),
