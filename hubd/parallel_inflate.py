@@ -4,7 +4,11 @@ One thread of ISA-L inflates about 250 MB/s of compressed weights, so on a many-
 download waits on it. rapidgzip splits one gzip stream across threads (0.2 s instead of 1.6 s for 370 MiB on
 16 cores), but needs the whole file, and is a large C++ parser of hostile input whose memory a gzip bomb can
 balloon. So the archive is spooled to the staging directory first, and rapidgzip runs in a child process
-capped in address space (RLIMIT_AS), writing the inflated tar into a pipe. The parent keeps every check of the
+whose resident memory the parent watches (killed past its cap), writing the inflated tar into a pipe. An
+address-space cap alone cannot do that job: rapidgzip reserves about 1.1 GiB of address space per thread that
+it never touches (rapidgzip 0.16: 17 GiB virtual, 220 MiB resident on 16 threads), so a cap tight enough to
+matter killed every run (SIGSEGV), and every parallel fetch silently fell back to streaming; RLIMIT_AS stays
+only as a loose backstop. The parent keeps every check of the
 streaming path: the same size and ratio caps on what comes out of the pipe, the same safe tar extractor on it,
 and the archive's sha256 taken by the download. rapidgzip accepts a truncated stream without a word, so the
 inflated size must also match the gzip trailer's ISIZE. Anything the child does not finish cleanly (a crash at
@@ -20,6 +24,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from contextlib import suppress
 from pathlib import Path
 
@@ -31,10 +36,19 @@ MIN_PARALLEL_BYTES = 32 << 20
 """Below this, spooling first and starting a child costs more than one ISA-L thread saves."""
 AUTO_MIN_CORES = 4
 """With fewer usable cores, inflating on one thread while the others hash, write and receive is faster."""
-_CHILD_MEMORY = 1 << 30
-"""The child's address-space cap, on top of what its threads reserve: a bomb makes it fail, not balloon."""
-_PER_THREAD_MEMORY = 96 << 20
-_PIPE_SIZE = 1 << 20
+_CHILD_RESIDENT = 512 << 20
+_PER_THREAD_RESIDENT = 32 << 20
+"""The child's resident-memory cap is _CHILD_RESIDENT + threads * this (measured peak: 31 MiB on 1 thread,
+220 MiB on 16, for a 360 MiB archive): a bomb makes it fail, not balloon."""
+_WATCH_INTERVAL = 0.02
+"""Seconds between two looks at the child's resident size."""
+_CHILD_ADDRESS_SPACE = 4 << 30
+_PER_THREAD_ADDRESS_SPACE = 2 << 30
+"""The backstop RLIMIT_AS: what rapidgzip reserves (about 1.1 GiB per thread) with room to spare."""
+_PIPE_SIZE = 4 << 20
+"""Asked of the kernel for the pipe (root may pass /proc/sys/fs/pipe-max-size; others get at most that)."""
+_READ_SIZE = 4 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _F_SETPIPE_SZ = 1031
 _CHILD = """
 import os, resource, sys
@@ -94,7 +108,9 @@ class ParallelInflate:
         self._max_ratio = max_ratio
         self._produced = 0
         self._done = False
-        limit = _CHILD_MEMORY + threads * _PER_THREAD_MEMORY
+        limit = _CHILD_ADDRESS_SPACE + threads * _PER_THREAD_ADDRESS_SPACE
+        self._resident_cap = _CHILD_RESIDENT + threads * _PER_THREAD_RESIDENT
+        self.killed_for_memory = False
         env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
         self._child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(path), str(threads), str(limit)],
@@ -105,23 +121,45 @@ class ParallelInflate:
         )
         assert self._child.stdout is not None
         self._fd = self._child.stdout.fileno()
-        with suppress(OSError):  # a lower pipe-max-size: smaller reads, same result
-            fcntl.fcntl(self._fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        for size in (_PIPE_SIZE, 1 << 20):
+            with suppress(OSError):  # a lower pipe-max-size: smaller reads, same result
+                fcntl.fcntl(self._fd, _F_SETPIPE_SZ, size)
+                break
+        self._stop_watch = threading.Event()
+        self._watch = threading.Thread(target=self._watch_memory, name="hubd-inflate-watch", daemon=True)
+        self._watch.start()
+
+    def _watch_memory(self) -> None:
+        """Kill the child once it holds more than its resident cap (a bomb); the read then sees an unclean end."""
+        statm = f"/proc/{self._child.pid}/statm"
+        while not self._stop_watch.wait(_WATCH_INTERVAL):
+            try:
+                with open(statm, "rb") as f:
+                    resident = int(f.read().split()[1]) * _PAGE
+            except (OSError, ValueError, IndexError):
+                return  # gone (or not Linux): nothing left to watch
+            if resident > self._resident_cap:
+                self.killed_for_memory = True
+                with suppress(ProcessLookupError):
+                    self._child.kill()
+                return
 
     def read_chunk(self) -> bytes:
         """The next piece of inflated bytes (b"" at a clean end); raises `ParallelInflateFailed` at an unclean
         one, and the caps' errors (ArchiveTooLarge) as soon as they are passed."""
         if self._done:
             return b""
-        chunk = os.read(self._fd, _PIPE_SIZE)
+        chunk = os.read(self._fd, _READ_SIZE)
         if chunk:
             self._produced += len(chunk)
             check_budget(self._produced, self._size, self._max_bytes, self._max_ratio)
             return chunk
         self._done = True
+        self._stop_watch.set()
         code = self._child.wait()
         if code != 0:
-            raise ParallelInflateFailed(f"rapidgzip ended with status {code}")
+            why = f" past its memory cap of {self._resident_cap >> 20} MiB" if self.killed_for_memory else ""
+            raise ParallelInflateFailed(f"rapidgzip ended with status {code}{why}")
         if self._produced & 0xFFFFFFFF != self._isize:
             raise ParallelInflateFailed("the inflated size does not match the gzip trailer (truncated?)")
         return b""
@@ -132,8 +170,10 @@ class ParallelInflate:
             pass
 
     def close(self) -> None:
+        self._stop_watch.set()
         if self._child.poll() is None:
             self._child.kill()
         self._child.wait()
+        self._watch.join()
         if self._child.stdout is not None:
             self._child.stdout.close()

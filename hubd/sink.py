@@ -13,7 +13,7 @@ directory and, once all are in, rapidgzip inflates it on many threads into the s
 from __future__ import annotations
 
 import asyncio
-import io
+import logging
 import os
 import queue
 import shutil
@@ -25,6 +25,7 @@ from typing import Any
 
 from hubd.extract import SafeExtractor
 from hubd.inflate import (
+    INFLATE_BACKEND,
     MAX_INFLATE_RATIO,
     TRAILING_ALLOWANCE,
     GzipReader,
@@ -38,15 +39,17 @@ from hubd.tree import TreeManifest
 _QUEUE_CHUNKS = 8
 _EOF = b""
 _THREADS_ENV = "HUBD_INFLATE_THREADS"
+log = logging.getLogger(__name__)
 
 
 class _Aborted(Exception):
     """Raised inside the extractor thread when the download side gives up."""
 
 
-class ReadAhead(io.RawIOBase):
-    """Calls `produce` (the inflater) in a thread of its own, so inflating overlaps with writing files (both
-    release the GIL). The chunks it returns are handed over as they are, not copied.
+class ReadAhead:
+    """Calls `produce` (the inflater, or the read of the parallel inflater's pipe) in a thread of its own, so
+    producing overlaps with hashing and writing files (all release the GIL). `next_chunk` hands the chunks over
+    as they are, not copied.
 
     On a 2-core machine this takes a 400 MB model's extraction from inflate + write in series to about the
     slower of the two (bench/bench_cold.py). Errors raised by `produce` are re-raised to the reader.
@@ -56,13 +59,9 @@ class ReadAhead(io.RawIOBase):
         self._produce = produce
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
-        self._buffer = memoryview(b"")
         self._eof = False
         self._thread = threading.Thread(target=self._pump, name="hubd-inflate", daemon=True)
         self._thread.start()
-
-    def readable(self) -> bool:
-        return True
 
     def _pump(self) -> None:
         try:
@@ -82,29 +81,21 @@ class ReadAhead(io.RawIOBase):
             except queue.Full:
                 continue
 
-    def readinto(self, buffer: Any) -> int:
-        if not self._buffer:
-            if self._eof:
-                return 0
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-                return 0
-            self._buffer = memoryview(item)
-        view = memoryview(buffer).cast("B")
-        size = min(len(view), len(self._buffer))
-        view[:size] = self._buffer[:size]
-        self._buffer = self._buffer[size:]
-        return size
+    def next_chunk(self) -> bytes:
+        """The next chunk produced (b"" at the end); the producer's error, if it failed."""
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        self._eof = not item
+        return item
 
     def close(self) -> None:
         self._closed.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        super().close()
 
 
 class StreamingExtraction:
@@ -139,6 +130,8 @@ class StreamingExtraction:
         self._slots = asyncio.Semaphore(_QUEUE_CHUNKS)
         self._done: asyncio.Future[TreeManifest] = self._loop.create_future()
         self._threads = 0  # set by `expect` before the first chunk: 0 streams
+        self.inflated_by = ""
+        """What inflated the archive: ISA-L (or zlib) streaming, rapidgzip, or ISA-L after rapidgzip failed."""
         self._thread = threading.Thread(target=self._run, name="hubd-extract", daemon=True)
         self._started = False
 
@@ -164,6 +157,7 @@ class StreamingExtraction:
 
     def _stream(self) -> TreeManifest:
         """Inflate and unpack as the chunks arrive; then take the padding after the tar's end, up to its cap."""
+        self.inflated_by = INFLATE_BACKEND
         manifest = self._extract(GzipReader(self._next_chunk, inflate_cap(self._limits[0]), self._max_ratio))
         trailing = 0
         while not self._saw_eof and trailing <= TRAILING_ALLOWANCE:
@@ -174,7 +168,7 @@ class StreamingExtraction:
         max_bytes, max_members, fsync = self._limits
         reader = ReadAhead(source.read_chunk)
         try:
-            return SafeExtractor(self.dest, max_bytes, max_members, fsync).extract_stream(reader)
+            return SafeExtractor(self.dest, max_bytes, max_members, fsync).extract_chunks(reader.next_chunk)
         finally:
             reader.close()
 
@@ -198,11 +192,13 @@ class StreamingExtraction:
         try:
             manifest = self._extract(inflater)
             inflater.drain()
+            self.inflated_by = f"rapidgzip ({self._threads} threads)"
             return manifest
-        except ParallelInflateFailed:
-            pass
+        except ParallelInflateFailed as exc:
+            log.warning("parallel inflate gave no verdict (%s); inflating %s again on one thread", exc, self.dest)
         finally:
             inflater.close()
+        self.inflated_by = f"{INFLATE_BACKEND} (after rapidgzip gave no verdict)"
         shutil.rmtree(self.dest)
         self.dest.mkdir(mode=0o700)
         with open(self._spool, "rb", buffering=0) as spool:

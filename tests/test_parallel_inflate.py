@@ -43,13 +43,19 @@ def archive(files: dict[str, bytes]) -> bytes:
 
 
 async def feed_all(dest: Path, data: bytes, threads: str, max_bytes: int = 2**30) -> TreeManifest:
+    return (await feed_to_sink(dest, data, threads, max_bytes))[0]
+
+
+async def feed_to_sink(
+    dest: Path, data: bytes, threads: str, max_bytes: int = 2**30
+) -> tuple[TreeManifest, StreamingExtraction]:
     sink = StreamingExtraction(dest, max_bytes=max_bytes, max_members=1000, fsync=False, inflate_threads=threads)
     sink.expect(len(data))
     try:
         for i in range(0, len(data), 65536):
             if not await sink.feed(data[i : i + 65536]):
                 break
-        return await sink.finish()
+        return await sink.finish(), sink
     except BaseException:
         await sink.abort()
         raise
@@ -72,6 +78,27 @@ def test_the_parallel_path_unpacks_the_same_tree(tmp_path: Path) -> None:
         assert (tmp_path / "tree" / name).read_bytes() == data
         assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
     assert not (tmp_path / "tree.tar.gz").exists()  # the spool is gone once the tree is out
+
+
+def test_rapidgzip_itself_answers_not_the_streaming_fallback(tmp_path: Path) -> None:
+    """The child's memory cap leaves room for what rapidgzip reserves (an address-space cap once killed every
+    run past 16 MiB, and every parallel fetch silently fell back to one thread)."""
+    files = {**FILES, "variables/variables.data-00000-of-00001": os.urandom(24 << 20)}
+    manifest, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(files), "2"))
+    assert sink.inflated_by == "rapidgzip (2 threads)"
+    assert manifest.files["variables/variables.data-00000-of-00001"].size == 24 << 20
+
+
+def test_a_child_past_its_memory_cap_is_killed_and_the_streaming_path_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(parallel_inflate, "_CHILD_RESIDENT", 1 << 20)  # below what any Python process holds
+    monkeypatch.setattr(parallel_inflate, "_PER_THREAD_RESIDENT", 0)
+    manifest, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(FILES), "2"))
+    assert sink.inflated_by.endswith("(after rapidgzip gave no verdict)")
+    assert "past its memory cap" in caplog.text
+    for name, data in FILES.items():
+        assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_one_thread_and_two_agree(tmp_path: Path) -> None:
