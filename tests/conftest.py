@@ -1,4 +1,6 @@
-"""Shared fixtures: real SavedModels built by TensorFlow once per session, a real hosting server on 127.0.0.1."""
+"""The end-to-end tier's fixtures: real SavedModels built by TensorFlow (once per session, on first use), a real
+hosting server on 127.0.0.1, local users. All are lazy: a test that asks for none of them starts none of them, and
+tests/unit/conftest.py refuses them to the unit tier outright."""
 
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ _names = itertools.count()
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The unit tier first, whatever the command line: it fails in seconds where the end-to-end tier takes
+    minutes (a stable sort, so each tier keeps its own order)."""
+    unit = REPO / "tests" / "unit"
+    items.sort(key=lambda item: not item.path.is_relative_to(unit))
 
 
 @pytest.fixture(scope="session")

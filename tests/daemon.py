@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ def call(
     method: str,
     path: str,
     body: Any = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str | bytes] | None = None,
     raw: bytes | None = None,
 ) -> Reply:
     payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)

@@ -123,7 +123,7 @@ class HostingServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         server = site._server
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         self.port = server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -134,6 +134,7 @@ class HostingServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(30)
+        self._loop.close()
 
     # -- protocol ------------------------------------------------------------------------------------
 

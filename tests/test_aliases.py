@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hubd.config import Settings
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon
@@ -34,6 +36,7 @@ def prefetch(d: Daemon, settings: Settings, path: Path) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_a_manifest_name_resolves_like_its_handle_for_every_user(
     settings: Settings, upstream: Upstream, victim: LocalUser, tmp_path: Path
 ) -> None:

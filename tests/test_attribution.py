@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hubd.config import Settings
 from tests.conftest import Upstream
 from tests.users import LocalUser
@@ -48,6 +50,7 @@ def test_users_survive_a_restart_and_a_lost_index(
     assert users_file.stat().st_mode & 0o077 == 0  # who uses what is the daemon's to tell, not world-readable
 
 
+@pytest.mark.slow
 def test_ls_filters_by_user_and_status_shows_bytes_per_user(
     settings: Settings, upstream: Upstream, victim: LocalUser, attacker: LocalUser
 ) -> None:

@@ -104,6 +104,7 @@ def export(settings: Settings, ids: list[str], bundle: Path) -> None:
     run(write())
 
 
+@pytest.mark.slow
 def test_bundle_carries_models_from_one_daemon_to_another_without_network(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:

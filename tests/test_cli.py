@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hubd.config import Settings
 from tests.conftest import Upstream, cli_env, run_on_terminal
 from tests.hosting import Behaviour
@@ -50,6 +52,7 @@ def test_bad_handle_fails_naming_the_accepted_forms(settings: Settings) -> None:
     assert "https://tfhub.dev/<publisher>/<model>/<version>" in result.stderr
 
 
+@pytest.mark.slow
 def test_ls_verify_and_rm(settings: Settings, upstream: Upstream) -> None:
     path = upstream.publish("text_embedding")
     pulled = hubd(settings, "pull", f"https://tfhub.dev/{path}", check=True).stdout.strip()
@@ -71,6 +74,7 @@ def test_ls_verify_and_rm(settings: Settings, upstream: Upstream) -> None:
     assert json.loads(hubd(settings, "ls", "--json", check=True).stdout) == []
 
 
+@pytest.mark.slow
 def test_eight_processes_pulling_one_cold_handle_download_it_once(settings: Settings, upstream: Upstream) -> None:
     path = upstream.publish("large_4mb", Behaviour(throttle_chunk=128 * 1024, throttle_delay=0.01))
     procs = [

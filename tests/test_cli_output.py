@@ -116,6 +116,7 @@ def test_pull_and_prefetch_json_stream_ndjson_events(
     assert by_handle[handle]["event"] == "done" and by_handle[f"{handle}9"]["error"]["code"]
 
 
+@pytest.mark.slow
 def test_every_command_answers_json_and_errors_carry_the_api_code(settings: Settings, upstream: Upstream) -> None:
     hubd_json(settings, "pull", f"https://tfhub.dev/{upstream.publish('reusable')}")
     code, [models] = hubd_json(settings, "ls")

@@ -40,6 +40,7 @@ def run_script(code: str, daemon: Daemon, tmp_path: Path, **env: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_tf_keras_sequential_text_classifier_and_reusable_model(
     daemon: Daemon, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_install_tfhub_routes_unmodified_tensorflow_hub_through_the_daemon(
     assert not (tmp_path / "tfhub_modules").exists() or not any((tmp_path / "tfhub_modules").iterdir())
 
 
+@pytest.mark.slow
 def test_hubd_tfhub_env_var_plugs_in_without_code_changes(
     daemon: Daemon, upstream: Upstream, settings: Settings, tmp_path: Path
 ) -> None:
@@ -112,6 +114,7 @@ def test_hubd_tfhub_env_var_plugs_in_without_code_changes(
     assert unplugged.strip().startswith(str(tmp_path / "tfhub_modules"))
 
 
+@pytest.mark.slow
 def test_an_editable_install_ships_the_tfhub_hook(tmp_path: Path) -> None:
     """`pip install -e ./client` installs hubd_client.pth too: HUBD_TFHUB=1 works from a development checkout."""
     import sysconfig

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import hubd_client
+import pytest
 
 import hubd
 from hubd.config import Settings
@@ -48,6 +49,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_hubd_client_installs_alone_and_resolves_through_the_daemon(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:

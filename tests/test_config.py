@@ -7,49 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from hubd.config import OTHER_VARIABLES, SYSTEM_CONFIG, Settings, config_files, effective, load_settings
-from hubd.errors import BadRequest
+from hubd.config import OTHER_VARIABLES, Settings
 from tests.conftest import REPO, cli_env
-
-
-def test_embedded_defaults_need_no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("HUBD_"):
-            monkeypatch.delenv(key)
-    settings = load_settings()
-    assert settings.cache_dir.name == "hubd" and not settings.offline and settings.mirror is None
-    assert "tfhub.dev" in settings.allowed_hosts
-
-
-def test_toml_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "hubd.toml"
-    config.write_text('mirror = "http://mirror.lan:8080"\noffline = true\nhttp_hosts = ["mirror.lan"]\n')
-    monkeypatch.setenv("HUBD_CONFIG", str(config))
-    assert load_settings().mirror == "http://mirror.lan:8080"
-    monkeypatch.setenv("HUBD_MIRROR", "https://env.example")
-    assert load_settings().mirror == "https://env.example"
-    assert load_settings(mirror="https://flag.example").mirror == "https://flag.example"
-    assert load_settings().offline is True
-    monkeypatch.setenv("HUBD_HTTP_HOSTS", "a.lan, b.lan")
-    assert load_settings().http_hosts == ["a.lan", "b.lan"]
-
-
-def test_invalid_settings_name_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HUBD_RETRIES", "many")
-    with pytest.raises(BadRequest, match="retries"):
-        load_settings()
-    monkeypatch.delenv("HUBD_RETRIES")
-    config = tmp_path / "hubd.toml"
-    config.write_text('mirror = "ftp://nope"\nsurprise = 1\n')
-    monkeypatch.setenv("HUBD_CONFIG", str(config))
-    with pytest.raises(BadRequest, match="mirror") as caught:
-        load_settings()
-    assert "surprise" in caught.value.message
 
 
 def test_daemon_and_cli_never_import_tensorflow() -> None:
@@ -111,60 +74,6 @@ def test_the_installed_package_is_complete(tmp_path: Path) -> None:
 # -- where settings come from ----------------------------------------------------------------------------
 
 
-def _clean_env(monkeypatch: pytest.MonkeyPatch, xdg: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("HUBD_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
-
-
-def _machine_settings(system: Path) -> type[Settings]:
-    """Settings whose machine-wide file is `system` (the real /etc/hubd/hubd.toml is not the tests' to write)."""
-    return type("MachineSettings", (Settings,), {"system_config": system})
-
-
-def test_flags_then_env_then_user_file_then_machine_file_then_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _clean_env(monkeypatch, tmp_path / "xdg")
-    system = tmp_path / "etc" / "hubd.toml"
-    system.parent.mkdir()
-    system.write_text("retries = 1\nmax_fetches = 2\nmax_members = 3\nread_timeout = 4.0\n")
-    settings_cls = _machine_settings(system)
-    assert settings_cls().retries == 1
-    user = tmp_path / "xdg" / "hubd" / "config.toml"
-    user.parent.mkdir(parents=True)
-    user.write_text("retries = 11\nmax_fetches = 12\nmax_members = 13\n")
-    monkeypatch.setenv("HUBD_RETRIES", "21")
-    monkeypatch.setenv("HUBD_MAX_FETCHES", "22")
-    settings = settings_cls(retries=31)
-    assert (settings.retries, settings.max_fetches, settings.max_members, settings.read_timeout) == (31, 22, 13, 4)
-    assert settings.connect_timeout == Settings.model_fields["connect_timeout"].default
-
-    flags = {"retries": 31, "mirror": None}
-    sources = {row.name: row.source for row in effective(settings, flags)}
-    assert sources["retries"] == "flag" and sources["max_fetches"] == "env"
-    assert sources["max_members"] == str(user) and sources["read_timeout"] == str(system)
-    assert sources["mirror"] == sources["connect_timeout"] == "default"
-
-
-def test_hubd_config_names_one_file_that_replaces_both_layers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _clean_env(monkeypatch, tmp_path / "xdg")
-    assert config_files() == [tmp_path / "xdg" / "hubd" / "config.toml", SYSTEM_CONFIG]
-    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")
-    assert config_files()[0] == Path.home() / ".config" / "hubd" / "config.toml"
-    named = tmp_path / "only.toml"
-    named.write_text("retries = 7\n")
-    monkeypatch.setenv("HUBD_CONFIG", str(named))
-    assert config_files() == [named]
-    system = tmp_path / "system.toml"
-    system.write_text("retries = 1\nmax_fetches = 2\n")
-    settings = _machine_settings(system)()
-    assert (settings.retries, settings.max_fetches) == (7, Settings.model_fields["max_fetches"].default)
-
-
 def test_hubd_config_prints_every_setting_and_its_source(tmp_path: Path) -> None:
     user = tmp_path / "xdg" / "hubd" / "config.toml"
     user.parent.mkdir(parents=True)
@@ -188,20 +97,6 @@ def test_hubd_config_prints_every_setting_and_its_source(tmp_path: Path) -> None
     text = subprocess.run(hubd, env=env, capture_output=True, text=True, check=True).stdout
     assert re.search(rf"^HUBD_MAX_SIZE +{re.escape(str(user))} +5368709120$", text, re.M)
     assert re.search(r"^HUBD_MIRROR +flag +http://mirror.lan:8760$", text, re.M)
-
-
-def test_the_example_config_sets_every_setting_validly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """systemd/hubd.toml.example, every line uncommented, is a valid configuration naming every setting."""
-    example = (REPO / "systemd" / "hubd.toml.example").read_text()
-    setting = re.compile(r"^# ([a-z_]+ = .*|\s{4,}\S.*)$")  # a key, or the continuation of a list
-    uncommented = "\n".join(m.group(1) for line in example.splitlines() if (m := setting.match(line)))
-    keys = tomllib.loads(uncommented).keys()
-    assert set(keys) == set(Settings.model_fields)
-    config = tmp_path / "hubd.toml"
-    config.write_text(uncommented)
-    _clean_env(monkeypatch, tmp_path / "xdg")
-    monkeypatch.setenv("HUBD_CONFIG", str(config))
-    assert load_settings().max_size == 50 * 2**30
 
 
 def test_the_readme_documents_every_variable_the_code_reads() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -307,6 +308,7 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, settings: S
     assert result.returncode == 1 and "already serving" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_drains_cleans_staging_and_removes_the_socket(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -319,8 +321,8 @@ def test_sigterm_drains_cleans_staging_and_removes_the_socket(
     )
     assert upstream.server.wait_sent(path, size // 4)
     d.proc.send_signal(signal.SIGTERM)
-    response = conn.getresponse()  # the in-flight request ends: finished, or aborted with a clean error
-    assert response.status in (200, 500, 503) or response.status >= 400
+    with contextlib.closing(conn), conn.getresponse() as response:  # in flight: finished, or aborted cleanly
+        assert response.status in (200, 500, 503) or response.status >= 400
     assert d.proc.wait(60) == 0
     assert not d.socket_path.exists()
     assert list((settings.cache_dir / "staging").iterdir()) == []
@@ -423,7 +425,10 @@ def test_cli_goes_through_the_running_daemon(
 ) -> None:
     path = upstream.publish("reusable")
     env = daemon_env(settings, daemon, tmp_path)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "hubd", *a], env=env, capture_output=True, text=True)  # noqa: E731
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hubd", *args], env=env, capture_output=True, text=True)
+
     pulled = run("pull", tfhub(path))
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.stdout.strip().startswith(str(settings.cache_dir))

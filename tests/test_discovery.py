@@ -63,6 +63,7 @@ def plain_env(runtime: Path, user: LocalUser) -> dict[str, str]:
     return {"XDG_RUNTIME_DIR": str(runtime), "XDG_CACHE_HOME": str(cache_home)}
 
 
+@pytest.mark.slow
 def test_with_no_settings_a_user_finds_the_system_daemon(
     settings: Settings, upstream: Upstream, victim: LocalUser, system_socket: Path, tmp_path: Path
 ) -> None:
@@ -87,6 +88,7 @@ def test_with_no_settings_a_user_finds_the_system_daemon(
         assert d.proc.returncode is not None
 
 
+@pytest.mark.slow
 def test_the_users_own_daemon_comes_before_the_system_daemon(
     settings: Settings, upstream: Upstream, victim: LocalUser, system_socket: Path, tmp_path: Path
 ) -> None:

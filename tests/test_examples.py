@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_quickstart_trains_a_text_classifier_through_hubd_from_the_installed_packages(tmp_path: Path) -> None:
     """Copied out of the checkout and run there with PYTHONPATH unset: only installed packages can be imported."""
     script = shutil.copy(REPO / "examples" / "quickstart.py", tmp_path / "quickstart.py")

@@ -176,6 +176,7 @@ def test_gzip_bomb_is_stopped_by_the_inflate_ratio_below_the_absolute_cap(tmp_pa
     assert written <= MAX_INFLATE_RATIO * len(bomb) + 16 * 2**20
 
 
+@pytest.mark.slow
 def test_many_empty_members_extract_correctly(tmp_path: Path) -> None:
     """Per-member work is O(1) (bench/bench_members.py times it against tar -xzf); this checks the result."""
     (tmp_path / "tree").mkdir()

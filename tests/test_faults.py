@@ -99,6 +99,7 @@ def _wait_for_phase(sock: socket.socket, phase: str) -> None:
     raise AssertionError(f"the stream ended before phase {phase}")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_nothing_and_leaves_nothing_partial(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -312,6 +313,7 @@ async def _load(socket_path: str, handles: list[str], unknown: str, seconds: flo
     return outcomes
 
 
+@pytest.mark.slow
 def test_64_clients_mixing_requests_get_no_errors(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
     """64 concurrent clients, cached and uncached handles, resolve/list/pull, for HUBD_LOAD_SECONDS (10; the
     README's figure is a 60 s run). It asserts correctness only: throughput figures belong to bench/."""

@@ -3,6 +3,7 @@ on 127.0.0.1; synchronisation is on the hosting server's counters and the daemon
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -187,18 +188,20 @@ def test_fetches_past_a_users_limit_queue_while_other_callers_go_ahead(
     env = {"HUBD_MAX_FETCHES_PER_USER": "1", "HUBD_MAX_FETCHES": "8"}
     daemon = start_daemon(settings, tmp_path, "--listen", "127.0.0.1:0", env_extra=env)
     try:
-        first = _send_pull(daemon, tfhub(held))
-        assert upstream.server.wait_sent(held, 1024)  # running, and held by the upstream
-        second = _send_pull(daemon, tfhub(queued))  # same uid: waits its turn
-        _read_until(second, b'"phase":"queued"')
-        assert upstream.requests(queued) == 0
-        third = _send_pull(daemon, tfhub(other), tcp=True)  # another caller: not held by the first's limit
-        assert b'"event":"done"' in _read_until(third, END)
-        assert upstream.requests(queued) == 0
-        upstream.server.release(held)
-        assert b'"event":"done"' in _read_until(first, END)
-        assert b'"event":"done"' in _read_until(second, END)
-        assert upstream.requests(queued) == 1
+        with contextlib.ExitStack() as opened:  # every socket closed, whatever fails
+            first = opened.enter_context(_send_pull(daemon, tfhub(held)))
+            assert upstream.server.wait_sent(held, 1024)  # running, and held by the upstream
+            second = opened.enter_context(_send_pull(daemon, tfhub(queued)))  # same uid: waits its turn
+            _read_until(second, b'"phase":"queued"')
+            assert upstream.requests(queued) == 0
+            # another caller: not held by the first's limit
+            third = opened.enter_context(_send_pull(daemon, tfhub(other), tcp=True))
+            assert b'"event":"done"' in _read_until(third, END)
+            assert upstream.requests(queued) == 0
+            upstream.server.release(held)
+            assert b'"event":"done"' in _read_until(first, END)
+            assert b'"event":"done"' in _read_until(second, END)
+            assert upstream.requests(queued) == 1
     finally:
         daemon.stop()
 
@@ -209,15 +212,16 @@ def test_fetches_past_the_global_limit_queue(settings: Settings, upstream: Upstr
     env = {"HUBD_MAX_FETCHES_PER_USER": "4", "HUBD_MAX_FETCHES": "1"}
     daemon = start_daemon(settings, tmp_path, "--listen", "127.0.0.1:0", env_extra=env)
     try:
-        first = _send_pull(daemon, tfhub(held))
-        assert upstream.server.wait_sent(held, 1024)
-        second = _send_pull(daemon, tfhub(queued), tcp=True)
-        _read_until(second, b'"phase":"queued"')
-        assert upstream.requests(queued) == 0
-        upstream.server.release(held)
-        assert b'"event":"done"' in _read_until(first, END)
-        assert b'"event":"done"' in _read_until(second, END)
-        assert upstream.requests(queued) == 1
+        with contextlib.ExitStack() as opened:  # every socket closed, whatever fails
+            first = opened.enter_context(_send_pull(daemon, tfhub(held)))
+            assert upstream.server.wait_sent(held, 1024)
+            second = opened.enter_context(_send_pull(daemon, tfhub(queued), tcp=True))
+            _read_until(second, b'"phase":"queued"')
+            assert upstream.requests(queued) == 0
+            upstream.server.release(held)
+            assert b'"event":"done"' in _read_until(first, END)
+            assert b'"event":"done"' in _read_until(second, END)
+            assert upstream.requests(queued) == 1
     finally:
         daemon.stop()
 

@@ -59,7 +59,7 @@ def _blocks() -> list[str]:
 def _inline(prefix: str) -> str:
     found = re.findall(r"`(" + re.escape(prefix) + r"[^`]*)`", GUIDE.read_text())
     assert len(found) == 1, (prefix, found)
-    return found[0]
+    return str(found[0])
 
 
 FILLED: set[str] = set()  # the guide's text that _fill replaced
@@ -297,6 +297,7 @@ assert hub.resolve("{NNLM}").startswith("{settings.cache_dir}/"), hub.resolve("{
         daemon.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [e.name for e in examples()])
 def test_guide_example(guide_run: tuple[str, dict[str, Any], Path], name: str) -> None:
     flavour, results, work = guide_run

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from hubd.config import Settings
 from tests.conftest import Upstream
 from tests.daemon import start_daemon
@@ -68,6 +70,7 @@ def test_no_access_log_at_info(settings: Settings, tmp_path: Path) -> None:
     assert "hubd.access" not in d.log()
 
 
+@pytest.mark.slow
 def test_under_journald_lines_carry_no_timestamp(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
     d = start_daemon(settings, tmp_path, env_extra={"JOURNAL_STREAM": "8:12345"})
     try:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.eviction import CollectorBusy, collect, gc_lock
 from tests.conftest import REPO, Upstream, cli_env
-from tests.daemon import start_daemon
+from tests.daemon import Daemon, start_daemon
 from tests.test_engine import resolve, with_engine
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -315,6 +316,7 @@ print(hub.load(sys.argv[1])(tf.ones([1, 4])).numpy().tolist())
 """
 
 
+@pytest.mark.slow
 def test_unmodified_tensorflow_hub_loads_from_the_view_offline(settings: Settings, upstream: Upstream) -> None:
     path = upstream.publish("reusable")
     entry = resolve(settings, tfhub(path))
@@ -350,7 +352,7 @@ def test_view_drops_links_to_broken_and_removed_entries(settings: Settings, upst
 
 
 @pytest.fixture
-def chained(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, object, object]]:
+def chained(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Daemon, Daemon]]:
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     first_dir.mkdir()
     second_dir.mkdir()
@@ -372,48 +374,51 @@ def chained(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, obje
     first.stop()
 
 
-def test_chained_daemons_fetch_upstream_once(chained: tuple[Settings, object, object], upstream: Upstream) -> None:
+def test_chained_daemons_fetch_upstream_once(chained: tuple[Settings, Daemon, Daemon], upstream: Upstream) -> None:
     _settings, first, second = chained
     path = upstream.publish("large_4mb")
 
-    def ask(_: int) -> dict[str, object]:
-        return second.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()  # type: ignore[attr-defined]
+    def ask(_: int) -> Any:
+        return second.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         entries = list(pool.map(ask, range(8)))
-    assert all("path" in e for e in entries), (entries, second.log(), first.log())  # type: ignore[attr-defined]
+    assert all("path" in e for e in entries), (entries, second.log(), first.log())
     assert len({e["path"] for e in entries}) == 1
     assert upstream.bytes_sent(path) == len(upstream.models["large_4mb"])  # one archive, for 8 clients
-    direct = first.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()  # type: ignore[attr-defined]
+    direct = first.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()
     assert direct["tree_digest"] == entries[0]["tree_digest"]  # the same files, re-packed on the way
     original = upstream.server.sha256(path)
-    pinned = second.request("POST", "/v1/resolve", {"handle": tfhub(path), "sha256": original})  # type: ignore[attr-defined]
+    pinned = second.request("POST", "/v1/resolve", {"handle": tfhub(path), "sha256": original})
     assert pinned.status == 200 and pinned.json()["archive_sha256"] == original  # a manifest's sha256 still holds
     fresh = upstream.publish("text_embedding")
-    checked = second.request(  # type: ignore[attr-defined]
+    checked = second.request(
         "POST", "/v1/resolve", {"handle": tfhub(fresh), "sha256": upstream.server.sha256(fresh)}
     )
     assert checked.status == 200, checked.body
     wrong = second.request(
         "POST", "/v1/resolve", {"handle": tfhub(upstream.publish("signature_only")), "sha256": "0" * 64}
-    )  # type: ignore[attr-defined]
+    )
     assert wrong.status == 409
     kaggle = upstream.publish("reusable", path="models/acme/net/tensorflow2/small/2")
     assert kaggle
-    got = second.request(  # type: ignore[attr-defined]
+    got = second.request(
         "POST", "/v1/resolve", {"handle": "https://www.kaggle.com/models/acme/net/TensorFlow2/small/2"}
     )
     assert got.status == 200, got.body
 
 
-def test_mirror_answers_404_for_unknown_models(chained: tuple[Settings, object, object]) -> None:
+def test_mirror_answers_404_for_unknown_models(chained: tuple[Settings, Daemon, Daemon]) -> None:
     _settings, first, _second = chained
     import http.client
 
-    host, port = first.mirrors[0].removeprefix("http://").rsplit(":", 1)  # type: ignore[attr-defined]
+    host, port = first.mirrors[0].removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/nobody/nothing/1?tf-hub-format=compressed")
-    assert conn.getresponse().status == 404
+    try:
+        conn.request("GET", "/nobody/nothing/1?tf-hub-format=compressed")
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
 
 
 def test_max_size_parses_human_units() -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import tarfile
 import threading
 import time
@@ -152,23 +153,28 @@ def test_a_flood_of_partial_requests_from_one_user_leaves_the_daemon_to_everyone
         try:
             daemon.socket_path.chmod(0o666)  # both users may use the cache
             flood = attacker.spawn_python(FLOOD, str(daemon.socket_path), "1100", "1050")
-            assert flood.stdout is not None and flood.stdin is not None
-            line = flood.stdout.readline()
-            assert line.split() == ["refused", "1050", "other", "0"], (
-                line + flood.stdout.read()
-            )  # all but 50 refused at once
-            health = victim.python(HEALTH, str(daemon.socket_path))
-            assert health.returncode == 0, health.stdout + health.stderr
-            answer = json.loads(health.stdout)
-            assert answer["status"] == 200 and answer["seconds"] < 2, answer
-            flood.stdin.write("go\n")
-            flood.stdin.flush()
-            status, held, longest = flood.stdout.readline().split()
-            assert (status, held) == ("timed_out", "50")  # the 50 it kept were closed for slow headers
-            assert float(longest) < 2 + 5, longest  # HUBD_HEADER_TIMEOUT, plus the time the flood took to start
-            assert flood.wait(30) == 0
-            assert metric(daemon, "hubd_connections_refused_total") >= 1050
-            assert metric(daemon, "hubd_connections_open") == 1  # only the /metrics request itself
+            try:
+                assert flood.stdout is not None and flood.stdin is not None
+                line = flood.stdout.readline()
+                # all but 50 refused at once
+                assert line.split() == ["refused", "1050", "other", "0"], line + flood.stdout.read()
+                health = victim.python(HEALTH, str(daemon.socket_path))
+                assert health.returncode == 0, health.stdout + health.stderr
+                answer = json.loads(health.stdout)
+                # answered before HUBD_HEADER_TIMEOUT frees the flood's 50: the daemon still had room for others
+                assert answer["status"] == 200 and answer["seconds"] < 2, answer
+                flood.stdin.write("go\n")
+                flood.stdin.flush()
+                status, held, longest = flood.stdout.readline().split()
+                assert (status, held) == ("timed_out", "50")  # the 50 it kept were closed for slow headers
+                # HUBD_HEADER_TIMEOUT, plus the time the flood took to start
+                assert float(longest) < 2 + 5, longest
+                assert flood.wait(30) == 0
+                assert metric(daemon, "hubd_connections_refused_total") >= 1050
+                assert metric(daemon, "hubd_connections_open") == 1  # only the /metrics request itself
+            finally:
+                flood.kill()  # a no-op once it has exited
+                flood.communicate()  # reaps it and closes its pipes
         finally:
             daemon.stop()
         assert "Traceback" not in daemon.log()
@@ -373,7 +379,7 @@ def _health_while(daemon: Daemon, attacks: list[threading.Thread]) -> list[float
     """Start `attacks`, time /v1/health requests one after another until they all end: the latencies."""
     for attack in attacks:
         attack.start()
-    latencies = []
+    latencies: list[float] = []
     while any(attack.is_alive() for attack in attacks) or len(latencies) < 3:
         started = time.monotonic()
         assert daemon.request("GET", "/v1/health").status == 200
@@ -383,6 +389,15 @@ def _health_while(daemon: Daemon, attacks: list[threading.Thread]) -> list[float
     return latencies
 
 
+def _loop_was_free(latencies: list[float]) -> bool:
+    """Whether health went on while the attack ran, judged against the attack itself rather than a fixed
+    figure (which a slow or busy machine would miss; bench/bench_health.py measures the figures). Work held
+    on the event loop makes most health requests wait for it, so the typical one takes a good share of the
+    whole attack; off the loop, the typical one is a tiny fraction of it, however slow the machine."""
+    return statistics.median(latencies) < sum(latencies) / 10 and len(latencies) >= 10
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["toml", "json"])
 def test_a_4_mb_hostile_body_neither_stalls_the_daemon_nor_gets_a_huge_answer(
     settings: Settings, tmp_path: Path, kind: str
@@ -409,7 +424,7 @@ def test_a_4_mb_hostile_body_neither_stalls_the_daemon_nor_gets_a_huge_answer(
         for reply in replies:
             assert len(reply.body) < 4096, len(reply.body)  # the first problems, then "and N more"
             assert "more" in reply.json()["error"]["message"]
-        assert max(latencies) < 0.5, sorted(latencies)[-5:]
+        assert _loop_was_free(latencies), sorted(latencies)[-5:]
     finally:
         daemon.stop()
 
@@ -426,7 +441,7 @@ def test_progress_is_coalesced_per_model_and_phase_and_final_events_are_kept() -
                 ProgressEvent(event="progress", handle=handle, phase="download", done=done, total=None)
             )
     events.progress(ProgressEvent(event="progress", handle="a", phase="verify", done=1, total=1))
-    final = DoneEvent.model_construct(event="done", handle="a")
+    final = DoneEvent.model_construct(event="done", handle="a")  # type: ignore[call-arg]  # no entry: not sent
     events.put_nowait(final)
     events.put_nowait(None)
     assert len(events) == 5
@@ -470,6 +485,7 @@ def test_a_stream_nobody_reads_is_closed_and_releases_its_work(settings: Setting
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_unread_exports_are_capped_per_user_and_keep_off_the_lock_wait_threads(
     settings: Settings, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -536,17 +552,20 @@ def test_a_huge_meta_is_read_off_the_event_loop(settings: Settings, upstream: Up
         assert [r.status for r in replies] == [200, 200, 200]
         # Before, every health request waited behind a GET (4 answered, each in 0.4-0.5 s); now they go on at once
         # (the thread's json.loads still holds the GIL for a while: 0.25 s at worst here).
-        assert sorted(latencies)[len(latencies) // 2] < 0.1 and max(latencies) < 0.5, sorted(latencies)[-5:]
+        assert _loop_was_free(latencies), sorted(latencies)[-5:]
     finally:
         daemon.stop()
 
 
 def test_the_meta_cache_keeps_the_1024_most_recently_used() -> None:
     from hubd.engine import _MetaCache
+    from hubd.store import ObjectMeta
+    from hubd.tree import TreeManifest
 
+    metas = [ObjectMeta(f"{i:064x}", "", 0, 0.0, TreeManifest(), []) for i in range(2000)]
     cache = _MetaCache()
-    for i in range(2000):
-        cache[f"d{i}"] = i  # type: ignore[assignment]
+    for i, meta in enumerate(metas):
+        cache[f"d{i}"] = meta
         cache.recent("d0")  # used all along: kept
-    assert len(cache) == 1024 and cache.recent("d0") == 0 and cache.recent("d1") is None
-    assert cache.recent("d1999") == 1999
+    assert len(cache) == 1024 and cache.recent("d0") is metas[0] and cache.recent("d1") is None
+    assert cache.recent("d1999") is metas[1999]

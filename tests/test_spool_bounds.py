@@ -114,6 +114,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_many_abandoned_pulls_keep_partial_within_the_caps_and_gc_frees_them(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
@@ -147,6 +148,7 @@ def test_many_abandoned_pulls_keep_partial_within_the_caps_and_gc_frees_them(
     assert reply.status == 200, reply.body
 
 
+@pytest.mark.slow
 def test_the_byte_cap_drops_the_oldest_spool_and_never_lets_one_grow_past_it(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
@@ -182,6 +184,7 @@ def _plant(partial: Path, key: str, uid: int, size: int, age: float) -> None:
         os.utime(partial / name, (when, when))
 
 
+@pytest.mark.slow
 def test_a_new_spool_ages_out_stale_ones_keeps_other_users_and_gc_dry_run_only_reports(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
@@ -228,6 +231,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_spools_filling_the_disk_do_not_refuse_another_users_fetch(
     settings: Settings, hosting: HostingServer, tmp_path: Path, small_fs: Path, daemon_factory: list[Daemon]
 ) -> None:

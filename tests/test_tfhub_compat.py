@@ -536,6 +536,7 @@ def compared(
     return request.param, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_same_behaviour_as_tensorflow_hub(compared: tuple[str, dict[str, Any]], name: str) -> None:
     flavour, results = compared

@@ -199,7 +199,7 @@ def test_ref_cannot_be_repointed_by_a_server_on_another_local_port(
         assert status == 200, cached
         link = view_link(daemon, kaggle)
         forged = shared_file(daemon, "forged.tar.gz", upstream.models["text_embedding"])
-        routes = {
+        routes: dict[str, list[Any]] = {
             "/evil/net/1": ["redirect", f"http://127.0.0.1:{{port}}/{long_path}?tf-hub-format=compressed"],
             f"/{long_path}": ["file", str(forged), {}],
         }

@@ -368,7 +368,7 @@ def test_a_keyed_mirrors_answers_cannot_be_forged_or_replayed(
                     assert status == 200, entry  # what the mirror really said for the handle passes unchanged
             finally:
                 mitm.kill()
-                mitm.wait()
+                mitm.communicate()  # reaps it and closes its pipe
     finally:
         mirror.stop()
 

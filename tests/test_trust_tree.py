@@ -80,7 +80,7 @@ def attacker_server(attacker: LocalUser, archive: bytes, where: Path) -> Iterato
         yield int(proc.stdout.readline())
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # reaps it and closes its pipe
 
 
 @contextmanager
