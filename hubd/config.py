@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     max_fetches: int = Field(8, ge=1, description="Downloads running at once; more wait their turn.")
     max_fetches_per_user: int = Field(4, ge=1, description="Downloads one uid may run at once; more wait.")
     fsync: bool = Field(True, description="fsync published files; off only for throwaway caches.")
+    inflate_threads: str = Field(
+        "auto",
+        description="Threads inflating a download of 32 MiB or more: auto (every core, on 4 or more; else one), "
+        "0 (always stream on one), or N (spool, then rapidgzip on N).",
+    )
 
     socket: Path = Field(default_factory=default_socket, description="Unix socket of the daemon's API.")
     url: str | None = Field(
@@ -128,6 +133,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Manifest files the daemon prefetches and watches."
     )
     watch_cache: bool = Field(True, description="Watch published entries and re-verify any that change.")
+    max_watches: int = Field(
+        8192, ge=1, description="inotify watches the cache watcher places at most; the scrub covers the rest."
+    )
+    scrub_interval: float = Field(
+        60.0, gt=0, description="Seconds between two batches of the periodic scrub of unwatched entries."
+    )
     max_size: int | None = Field(
         None, gt=0, description="Quota for published models (bytes, or '50G'); least recently used go first."
     )
@@ -173,6 +184,14 @@ class Settings(BaseSettings):
         if not value.startswith("s3://") or len(value) <= len("s3://") or value[5] == "/":
             raise ValueError("the object store must be s3://BUCKET/PREFIX")
         return value.rstrip("/")
+
+    @field_validator("inflate_threads", mode="before")
+    @classmethod
+    def _threads_or_auto(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isdigit() and int(text) <= 1024):
+            raise ValueError("inflate_threads is auto, 0 (stream) or a number of threads")
+        return text if text == "auto" else str(int(text))
 
     @field_validator("max_size", "max_extract_bytes", "min_rate", "max_spool_bytes", mode="before")
     @classmethod

@@ -38,7 +38,6 @@ from hubd.tree import TreeManifest
 
 _QUEUE_CHUNKS = 8
 _EOF = b""
-_THREADS_ENV = "HUBD_INFLATE_THREADS"
 log = logging.getLogger(__name__)
 
 
@@ -109,15 +108,16 @@ class StreamingExtraction:
         fsync: bool,
         max_ratio: int = MAX_INFLATE_RATIO,
         hold_back: Callable[[], None] | None = None,
-        inflate_threads: str | None = None,
+        inflate_threads: str = "auto",
     ) -> None:
         """`hold_back`, when given, runs in the extractor thread before each chunk and may block a while: a
-        prefetch's chunks already queued would otherwise take the CPU that someone waiting for a model needs."""
+        prefetch's chunks already queued would otherwise take the CPU that someone waiting for a model needs.
+        `inflate_threads` is Settings.inflate_threads (HUBD_INFLATE_THREADS): "auto", "0" (stream) or N."""
         self.dest = dest
         self._hold_back = hold_back
         self._limits = (max_bytes, max_members, fsync)
         self._max_ratio = max_ratio
-        self._inflate_threads = inflate_threads if inflate_threads is not None else os.environ.get(_THREADS_ENV)
+        self._inflate_threads = inflate_threads
         self._loop = asyncio.get_running_loop()
         self._spool = dest.with_name(dest.name + ".tar.gz")
         self._start()

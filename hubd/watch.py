@@ -74,10 +74,6 @@ class _Forward(FileSystemEventHandler):
                     self.loop.call_soon_threadsafe(self.callback, str(path))  # type: ignore[arg-type]
 
 
-MAX_WATCHES = int(os.environ.get("HUBD_MAX_WATCHES", "8192"))
-"""inotify watches the cache watcher places at most (HUBD_MAX_WATCHES): objects/ and the directories of entries."""
-SCRUB_INTERVAL = float(os.environ.get("HUBD_SCRUB_INTERVAL", "60"))
-"""Seconds between two batches of the periodic scrub (HUBD_SCRUB_INTERVAL)."""
 SCRUB_BATCH = 256
 """Entries quick-checked per scrub batch: 100,000 unwatched entries take 6.5 hours at the default interval."""
 
@@ -134,10 +130,15 @@ class Inotify:
 class CacheWatch:
     """Watches what matters of the cache within `budget` inotify watches, and scrubs the rest periodically."""
 
-    def __init__(self, engine: Engine, on_change: Callable[[str], None], budget: int = MAX_WATCHES) -> None:
+    def __init__(
+        self, engine: Engine, on_change: Callable[[str], None], budget: int, scrub_interval: float
+    ) -> None:
+        """`budget`: inotify watches placed at most (HUBD_MAX_WATCHES), objects/ and the directories of entries;
+        `scrub_interval`: seconds between two scrub batches (HUBD_SCRUB_INTERVAL)."""
         self.engine = engine
         self.on_change = on_change
         self.budget = budget
+        self.scrub_interval = scrub_interval
         self.inotify: Inotify | None = None
         self.watched: dict[str, list[int]] = {}
         """digest -> its directories' watch descriptors."""
@@ -216,7 +217,7 @@ class CacheWatch:
             len(self.watched),
             self.count,
             SCRUB_BATCH,
-            SCRUB_INTERVAL,
+            self.scrub_interval,
         )
 
     def _readable(self) -> None:
@@ -244,10 +245,10 @@ class CacheWatch:
                 self.inotify.remove(wd)
 
     async def scrub(self) -> None:
-        """Quick-check the entries no watch covers, SCRUB_BATCH every SCRUB_INTERVAL seconds, round the cache."""
+        """Quick-check the entries no watch covers, SCRUB_BATCH every `scrub_interval` seconds, round the cache."""
         after = ""
         while True:
-            await asyncio.sleep(SCRUB_INTERVAL)
+            await asyncio.sleep(self.scrub_interval)
             after = await asyncio.to_thread(self._scrub_batch, after)
 
     def _scrub_batch(self, after: str) -> str:
@@ -277,7 +278,7 @@ class Watchers:
         self._tasks: list[asyncio.Task[None]] = []
         self._manifests = {p.resolve() for p in settings.manifests}
         self.events_seen = 0
-        self.cache = CacheWatch(engine, self._entry_changed)
+        self.cache = CacheWatch(engine, self._entry_changed, settings.max_watches, settings.scrub_interval)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         observer = Observer()
