@@ -492,6 +492,7 @@ class Engine:
                 self.settings.max_members,
                 self.settings.fsync,
                 hold_back=lambda: self._hold_back_extraction(flight),
+                inflate_threads=self.settings.inflate_threads,
             )
             try:
                 download = Download(
