@@ -7,34 +7,28 @@ of a shared cache. With no daemon, they run the engine in-process, but only on a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
+import gc
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from hubd_client.handles import parse_handle
-from hubd_client.paths import SYSTEM_SOCKET
-from hubd_client.resolver import offline_wanted
+from typing import TYPE_CHECKING, Any
 
 from hubd import __version__
-from hubd.api_client import DaemonClient, error_from
-from hubd.audit import ACTIONS, AuditLog, parse_time, uid_of, user_name
-from hubd.config import Settings, effective, load_settings, parse_size
-from hubd.engine import Engine
-from hubd.entry import Entry
-from hubd.errors import BadRequest, HubdError, UnknownModel
-from hubd.manifest import load_manifest
-from hubd.prefetch import resolve_many
-from hubd.progress import ProgressBar, ProgressBoard, human_bytes
+from hubd.audit import ACTIONS
+from hubd.errors import BadRequest, HubdError
 from hubd.server.logs import LEVELS
 
-_ID_PREFIX = re.compile(r"[0-9a-f]{8,64}")
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from hubd.backends import Backend
+    from hubd.config import Settings
+    from hubd.entry import Entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    from hubd.config import load_settings  # pydantic-settings: not for --help, --version or completion
+
     return load_settings(**flags_from(args))
 
 
@@ -196,41 +192,39 @@ def flags_from(args: argparse.Namespace) -> dict[str, Any]:
 # -- choosing daemon or engine ----------------------------------------------------------------------
 
 
-async def _run(
-    args: argparse.Namespace,
-    via_daemon: Callable[[DaemonClient], Awaitable[int]],
-    in_process: Callable[[Engine], Awaitable[int]],
-    force_local: bool = False,
-    daemon_required: bool = False,
-) -> int:
+@contextmanager
+def _backend(
+    args: argparse.Namespace, force_local: bool = False, daemon_required: bool = False
+) -> Iterator[Backend]:
+    """The daemon that answers (refusing flags it cannot honour), else the engine in this process."""
+    from hubd.backends import DaemonBackend, LocalBackend
+
     settings = settings_from(args)
     candidates = _daemon_candidates(settings)
+    backend: Backend | None = None
     if not force_local:
-        for candidate in candidates:
-            async with DaemonClient(candidate) as client:
-                if await client.is_running():
-                    args.used = f"the daemon at {candidate.url or f'unix:{candidate.socket}'}"
-                    _refuse_unhonoured(args, args.used)
-                    return await via_daemon(client)
-        if daemon_required:
+        backend = DaemonBackend.find(candidates)
+        if backend is not None:
+            _refuse_unhonoured(args, backend.via)
+        elif daemon_required:
             raise BadRequest(
                 f"no hubd daemon answers at {_where(candidates)}",
                 "start it (`hubd serve`, or `systemctl start hubd`), or pass --no-daemon to fetch in this process",
             )
-    _check_owner(settings)
-    engine = Engine(settings)
-    await engine.start()
-    args.used = f"the cache {settings.cache_dir}, in this process"
-    if not force_local:
-        print(
-            f"note: no hubd daemon answers at {_where(candidates)}; working in this process on the cache "
-            f"{settings.cache_dir}",
-            file=sys.stderr,
-        )
+    if backend is None:
+        backend = LocalBackend(settings)
+        if not force_local:
+            print(
+                f"note: no hubd daemon answers at {_where(candidates)}; working in this process on the cache "
+                f"{settings.cache_dir}",
+                file=sys.stderr,
+            )
+    args.used = backend.via
+    gc.freeze()  # start-up is over: what it imported is never garbage, so no collection walks it again
     try:
-        return await in_process(engine)
+        yield backend
     finally:
-        await engine.close()
+        backend.close()
 
 
 #: Flags that change how this process would fetch: a daemon fetches with its own settings, so they cannot apply.
@@ -254,6 +248,8 @@ def _refuse_unhonoured(args: argparse.Namespace, daemon: str) -> None:
 def _daemon_candidates(settings: Settings) -> list[Settings]:
     """Where to look for a daemon: the one configured (--socket, HUBD_SOCKET, HUBD_URL, the config file); with
     none, the user's own daemon, then the system daemon."""
+    from hubd_client.paths import SYSTEM_SOCKET
+
     if settings.url or "socket" in settings.model_fields_set or settings.socket == SYSTEM_SOCKET:
         return [settings]
     return [settings, settings.model_copy(update={"socket": SYSTEM_SOCKET})]
@@ -263,27 +259,20 @@ def _where(candidates: list[Settings]) -> str:
     return " or ".join(s.url or f"unix:{s.socket}" for s in candidates)
 
 
-def _check_owner(settings: Settings) -> None:
-    """The in-process engine may only write a cache the user owns; a shared cache belongs to its daemon."""
-    root = settings.cache_dir
-    if root.exists() and root.stat().st_uid != os.geteuid():
-        where = settings.url or settings.socket
-        raise BadRequest(
-            f"the cache {root} belongs to another user and no hubd daemon answers at {where}",
-            "start the daemon (`systemctl start hubd`), or set HUBD_CACHE_DIR to a cache of your own",
-        )
+# -- rendering: a table for people, the API's JSON with --json ----------------------------------------
 
 
-async def _stream_into_bar(events: AsyncIterator[Any], bar: ProgressBar) -> Entry:
-    async for event in events:
-        data = event if isinstance(event, dict) else event.model_dump()
-        if data["event"] == "progress":
-            bar(data["phase"], data["done"], data["total"])
-        elif data["event"] == "done":
-            return Entry.model_validate(data["entry"])
-        elif data["event"] == "error":
-            raise error_from(data)
-    raise HubdError("the daemon ended the stream without a result", "see the daemon's log")
+def _render(args: argparse.Namespace, data: Any, table: Callable[[], None]) -> None:
+    """Once per command: `data` (plain JSON values) with --json, else `table()` prints for people."""
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        table()
+
+
+def _print_event(event: BaseModel) -> None:
+    """One NDJSON line of a stream, as the API sends it."""
+    print(json.dumps(event.model_dump(mode="json")), flush=True)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -297,91 +286,64 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace) -> bool:
     """`--offline` or HUBD_OFFLINE=1: this command never causes a download, even through an online daemon."""
+    from hubd_client.resolver import offline_wanted
+
     return bool(args.offline) or offline_wanted()
 
 
 def _pull(args: argparse.Namespace) -> int:
-    if args.json:
-        return _pull_ndjson(args)
-    bar = ProgressBar(args.handle, quiet=args.quiet)
+    from hubd.events import DoneEvent, ProgressEvent
+    from hubd.progress import ProgressBar
 
-    async def via_daemon(client: DaemonClient) -> int:
-        body = {"handle": args.handle, "sha256": args.sha256, "offline": _offline(args)}
-        entry = await _stream_into_bar(client.stream("/v1/pull", body), bar)
-        bar.close()  # before the path: on a terminal it must not land on the bar's line
-        print(entry.path)
-        return 0
+    bar = ProgressBar(args.handle, quiet=args.quiet or args.json)
 
-    async def in_process(engine: Engine) -> int:
-        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=bar, uid=os.getuid())
-        bar.close()
-        print(entry.path)
-        return 0
+    def progress(event: ProgressEvent) -> None:
+        if args.json:  # NDJSON: the API's own events, as they happen
+            _print_event(event)
+        else:
+            bar(event.phase, event.done, event.total)
 
     try:
-        return asyncio.run(_run(args, via_daemon, in_process))
+        with _backend(args) as backend:
+            entry = backend.pull(args.handle, args.sha256, _offline(args), progress)
     finally:
-        bar.close()
-
-
-def _pull_ndjson(args: argparse.Namespace) -> int:
-    """The API's own events, one JSON object a line, as they happen."""
-
-    async def via_daemon(client: DaemonClient) -> int:
-        body = {"handle": args.handle, "sha256": args.sha256, "offline": _offline(args)}
-        async for event in client.stream("/v1/pull", body):
-            if event["event"] == "error":
-                raise error_from(event)
-            print(json.dumps(event), flush=True)
-        return 0
-
-    async def in_process(engine: Engine) -> int:
-        def progress(phase: str, done: int, total: int | None) -> None:
-            print(json.dumps({"event": "progress", "phase": phase, "done": done, "total": total}), flush=True)
-
-        entry = await engine.resolve(args.handle, sha256=args.sha256, on_progress=progress, uid=os.getuid())
-        print(json.dumps({"event": "done", "entry": entry.model_dump(mode="json")}))
-        return 0
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+        bar.close()  # before the path: on a terminal it must not land on the bar's line
+    if args.json:
+        _print_event(DoneEvent(event="done", handle=args.handle, entry=entry))
+    else:
+        print(entry.path)
+    return 0
 
 
 def _prefetch(args: argparse.Namespace) -> int:
+    from hubd.backends import Event
+    from hubd.events import DoneEvent, ErrorEvent, ProgressEvent
+    from hubd.manifest import load_manifest
+    from hubd.progress import ProgressBoard, human_bytes
+
     manifest = load_manifest(args.manifest_file)  # errors point at the entry before anything is sent
     board = ProgressBoard([m.handle for m in manifest.model], quiet=args.quiet or args.json)
     results: dict[str, str] = {}
+    failed = 0
 
-    async def consume(events: AsyncIterator[Any]) -> int:
-        failed = 0
-        async for event in events:
-            data = event if isinstance(event, dict) else event.model_dump(mode="json")
-            if args.json:
-                print(json.dumps(data), flush=True)
-            if data["event"] == "progress":
-                board.update(data["handle"], data["phase"], data["done"], data["total"])
-            elif data["event"] == "done":
-                entry = data["entry"]
-                results[data["handle"]] = f"ok      {human_bytes(entry['size_bytes']):>10}  {entry['path']}"
-                board.finish(data["handle"], "done")
-            elif data["event"] == "error":
-                failed += 1
-                results[data["handle"]] = f"FAILED  {data['error']['message']} (hint: {data['error']['hint']})"
-                board.finish(data["handle"], "failed")
-        return failed
+    def show(event: Event) -> None:
+        nonlocal failed
+        if args.json:
+            _print_event(event)
+        if isinstance(event, ProgressEvent):
+            board.update(event.handle, event.phase, event.done, event.total)
+        elif isinstance(event, DoneEvent):
+            results[event.handle] = f"ok      {human_bytes(event.entry.size_bytes):>10}  {event.entry.path}"
+            board.finish(event.handle, "done")
+        elif isinstance(event, ErrorEvent):
+            failed += 1
+            results[event.handle] = f"FAILED  {event.error.message} (hint: {event.error.hint})"
+            board.finish(event.handle, "failed")
 
     source = str(args.manifest_file.resolve())
-
-    async def via_daemon(client: DaemonClient) -> int:
-        return await consume(client.stream("/v1/prefetch", {**manifest.model_dump(), "source": source}))
-
-    async def in_process(engine: Engine) -> int:
-        engine.claim_aliases(source, [(m.name, m.handle, m.sha256) for m in manifest.model])
-        return await consume(resolve_many(engine, manifest.model, uid=os.getuid(), source=source))
-
     try:
-        failed = asyncio.run(
-            _run(args, via_daemon, in_process, force_local=args.no_daemon, daemon_required=not args.no_daemon)
-        )
+        with _backend(args, force_local=args.no_daemon, daemon_required=not args.no_daemon) as backend:
+            backend.prefetch(manifest, source, show)
     finally:
         board.close()
     if args.json:
@@ -394,25 +356,21 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from hubd.audit import uid_of
+
     only = uid_of(args.user) if args.user else None
-
-    def show(entries: list[Entry]) -> int:
-        entries = sorted(entries, key=lambda e: e.fetched_at)
-        if only is not None:
-            entries = [e for e in entries if only in e.users]
-        print(json.dumps([e.model_dump() for e in entries], indent=2) if args.json else _table(entries))
-        return 0
-
-    async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.entries())
-
-    async def in_process(engine: Engine) -> int:
-        return show(engine.list_entries())
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    with _backend(args) as backend:
+        entries = sorted(backend.models(), key=lambda e: e.fetched_at)
+    if only is not None:
+        entries = [e for e in entries if only in e.users]
+    _render(args, [e.model_dump() for e in entries], lambda: print(_table(entries)))
+    return 0
 
 
 def _table(entries: list[Entry]) -> str:
+    from hubd.audit import user_name
+    from hubd.progress import human_bytes
+
     rows = [("ID", "SIZE", "STATE", "LAST USED", "USERS", "ALIASES", "HANDLES")]
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
@@ -427,163 +385,119 @@ def _table(entries: list[Entry]) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    def show(results: list[dict[str, Any]]) -> int:
-        if args.json:
-            print(json.dumps({"results": results}, indent=2))
-            return 1 if any(r["problems"] and not r["healed"] for r in results) else 0
-        unhealthy = 0
+    with _backend(args) as backend:
+        results = backend.verify(args.handle, heal=not args.no_heal)
+
+    def table() -> None:
         for result in results:
-            name = ", ".join(result["handles"]) or result["id"]
-            if not result["problems"]:
-                print(f"ok      {result['id'][:12]}  {name}")
+            name = ", ".join(result.handles) or result.id
+            if not result.problems:
+                print(f"ok      {result.id[:12]}  {name}")
                 continue
-            status = "healed" if result["healed"] else "BROKEN"
-            unhealthy += 0 if result["healed"] else 1
-            print(f"{status:<7} {result['id'][:12]}  {name}")
-            for problem in result["problems"]:
+            print(f"{'healed' if result.healed else 'BROKEN':<7} {result.id[:12]}  {name}")
+            for problem in result.problems:
                 print(f"          {problem}")
-        return 1 if unhealthy else 0
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.verify(args.handle, heal=not args.no_heal))
-
-    async def in_process(engine: Engine) -> int:
-        reports = await engine.verify(args.handle, heal=not args.no_heal)
-        return show(
-            [
-                {"id": r.entry.id, "handles": r.entry.handles, "problems": r.problems, "healed": r.healed}
-                for r in reports
-            ]
-        )
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    _render(args, {"results": [r.model_dump() for r in results]}, table)
+    return 1 if any(r.problems and not r.healed for r in results) else 0
 
 
 def _rm(args: argparse.Namespace) -> int:
-    def report(entry: Entry) -> int:
-        if args.json:
-            print(entry.model_dump_json(indent=2))
-            return 0
-        print(f"removed {entry.id[:12]} ({human_bytes(entry.size_bytes)}): {', '.join(entry.handles)}")
-        return 0
+    from hubd.progress import human_bytes
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return report(await client.remove(await _model_id(client, args.handle), args.force))
-
-    async def in_process(engine: Engine) -> int:
-        return report(engine.remove(args.handle, uid=os.getuid(), force=args.force))
-
-    return asyncio.run(_run(args, via_daemon, in_process))
-
-
-async def _model_id(client: DaemonClient, handle: str) -> str:
-    """The id the daemon knows a handle, alias or id (prefix) by."""
-    if _ID_PREFIX.fullmatch(handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
-        return handle
-    entries = await client.entries()
-    for entry in entries:
-        if handle in entry.aliases:
-            return entry.id
-    canonical = parse_handle(handle, frozenset(client.settings.http_hosts)).canonical
-    for entry in entries:
-        if canonical in entry.handles:
-            return entry.id
-    raise UnknownModel(f"no cached model matches {handle!r}", "see `hubd ls` for what is cached")
+    with _backend(args) as backend:
+        entry = backend.remove(args.handle, args.force)
+    _render(
+        args,
+        entry.model_dump(),
+        lambda: print(f"removed {entry.id[:12]} ({human_bytes(entry.size_bytes)}): {', '.join(entry.handles)}"),
+    )
+    return 0
 
 
 def _unpin(args: argparse.Namespace) -> int:
-    def report(names: list[str]) -> int:
-        if args.json:
-            print(json.dumps({"handle": args.handle, "unpinned": bool(names), "pinned_by": names}))
-            return 0
+    with _backend(args) as backend:
+        names = backend.unpin(args.handle).unpinned
+
+    def table() -> None:
         if not names:
             print(f"{args.handle} was not pinned")
-            return 0
+            return
         print(f"unpinned {args.handle} (was pinned by {'; '.join(names)})")
         print(
             "a manifest the daemon watches pins it again when it changes or the daemon restarts", file=sys.stderr
         )
-        return 0
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return report(await client.unpin(await _model_id(client, args.handle)))
-
-    async def in_process(engine: Engine) -> int:
-        return report(engine.unpin(engine.find(args.handle).digest, os.getuid()))
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    _render(args, {"handle": args.handle, "unpinned": bool(names), "pinned_by": names}, table)
+    return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    def show(report: dict[str, Any]) -> int:
-        if args.json:
-            print(json.dumps(report, indent=2, default=str))
-            return 0
-        verb = "would free" if report["dry_run"] else "freed"
-        for entry in report["removed"]:
+    from hubd.config import parse_size
+    from hubd.progress import human_bytes
+
+    with _backend(args) as backend:
+        report = backend.gc(args.dry_run, parse_size(args.max_size) if args.max_size else None)
+
+    def table() -> None:
+        for entry in report.removed:
             print(
-                f"{'would remove' if report['dry_run'] else 'removed'} {entry['id'][:12]} "
-                f"({human_bytes(entry['size_bytes'])}): {', '.join(entry['handles'])}"
+                f"{'would remove' if report.dry_run else 'removed'} {entry.id[:12]} "
+                f"({human_bytes(entry.size_bytes)}): {', '.join(entry.handles)}"
             )
         print(
-            f"{verb} {human_bytes(report['freed_bytes'] + report['quarantine_freed_bytes'])}; "
-            f"cache {human_bytes(report['size_before'])} -> {human_bytes(report['size_after'])}; "
-            f"kept {report['kept_pinned']} pinned, {report['kept_recent']} in use"
+            f"{'would free' if report.dry_run else 'freed'} "
+            f"{human_bytes(report.freed_bytes + report.quarantine_freed_bytes)}; "
+            f"cache {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}; "
+            f"kept {report.kept_pinned} pinned, {report.kept_recent} in use"
         )
-        return 0
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.gc(args.dry_run, parse_size(args.max_size) if args.max_size else None))
-
-    async def in_process(engine: Engine) -> int:
-        report = await engine.gc(dry_run=args.dry_run)
-        return show({**report.__dict__, "removed": [e.model_dump() for e in report.removed]})
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    _render(args, report.model_dump(), table)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    def show(status: dict[str, Any]) -> int:
-        if args.json:
-            print(json.dumps({**status, "via": args.used}, indent=2))
-            return 0
-        quota = human_bytes(status["max_size"]) if status["max_size"] else "none"
-        upstream = status["upstream"]
+    from hubd.progress import human_bytes
+
+    with _backend(args) as backend:
+        status = backend.status()
+
+    def table() -> None:
+        quota = human_bytes(status.max_size) if status.max_size else "none"
+        upstream = status.upstream
         print(f"via       {args.used}")
-        print(f"cache     {status['cache_dir']}")
-        print(f"size      {human_bytes(status['size_bytes'])} (quota {quota})")
-        print(f"entries   {status['entries']} ok, {status['pinned']} pinned, {status['broken']} broken")
+        print(f"cache     {status.cache_dir}")
+        print(f"size      {human_bytes(status.size_bytes)} (quota {quota})")
+        print(f"entries   {status.entries} ok, {status.pinned} pinned, {status.broken} broken")
         print(
-            f"upstream  {upstream['url']}: {'reachable' if upstream['reachable'] else 'UNREACHABLE'}"
-            f" ({upstream['detail']})"
+            f"upstream  {upstream.url}: {'reachable' if upstream.reachable else 'UNREACHABLE'} ({upstream.detail})"
         )
-        for usage in status.get("users", []):
-            who = usage["user"] or f"uid {usage['uid']}"
-            print(f"user      {who}: {human_bytes(usage['size_bytes'])} in {usage['entries']} models")
-        return 0
+        for usage in status.users:
+            who = usage.user or f"uid {usage.uid}"
+            print(f"user      {who}: {human_bytes(usage.size_bytes)} in {usage.entries} models")
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.status())
-
-    async def in_process(engine: Engine) -> int:
-        from hubd.server.routes import cache_status
-
-        return show((await cache_status(engine)).model_dump(exclude={"next_cursor"}))
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    _render(args, {**status.model_dump(exclude={"next_cursor"}), "via": args.used}, table)
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    query = {k: v for k in ("since", "until", "uid", "action") if (v := getattr(args, k))}
-    for when in ("since", "until"):
-        if when in query:
-            parse_time(query[when])  # a bad time is refused here, in the user's words, before anything is sent
-    query["limit"] = str(args.limit)
+    from hubd.audit import parse_time
+    from hubd.backends import AuditQuery
 
-    def show(records: list[dict[str, Any]]) -> int:
-        if args.json:
-            print(json.dumps(records, indent=2))
-            return 0
+    for when in (args.since, args.until):
+        if when:
+            parse_time(when)  # a bad time is refused here, in the user's words, before anything is sent
+    query = AuditQuery(
+        since=args.since or None,
+        until=args.until or None,
+        uid=args.uid or None,
+        action=args.action or None,
+        limit=args.limit,
+    )
+    with _backend(args) as backend:
+        records = [r.model_dump() for r in backend.audit(query)]
+
+    def table() -> None:
         for r in records:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
             who = r["user"] or (f"uid {r['uid']}" if r["uid"] is not None else "hubd")
@@ -592,27 +506,16 @@ def _audit(args: argparse.Namespace) -> int:
             print(
                 f"{when}  {who:<12} {r['action']:<10} {model:<12} {r['outcome']:<8} {r['handle'] or '-'}{detail}"
             )
-        return 0
 
-    async def via_daemon(client: DaemonClient) -> int:
-        return show(await client.audit(query))
-
-    async def in_process(engine: Engine) -> int:
-        records = list(
-            AuditLog(engine.settings.cache_dir).read(
-                since=parse_time(query["since"]) if "since" in query else None,
-                until=parse_time(query["until"]) if "until" in query else None,
-                uid=uid_of(query["uid"]) if "uid" in query else None,
-                action=query.get("action"),
-            )
-        )
-        return show([r.model_dump() for r in records[-args.limit :]] if args.limit > 0 else [])
-
-    return asyncio.run(_run(args, via_daemon, in_process))
+    _render(args, records, table)
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hubd.bundle import BundleEntry, plan_export, read_header, remove_partial, write_bundle
+    from hubd.backends import ExportProgress
+    from hubd.bundle import BundleEntry, read_header, remove_partial
+    from hubd.manifest import load_manifest
+    from hubd.progress import ProgressBar, human_bytes
 
     wanted: list[tuple[str, str | None]] = [(handle, None) for handle in args.handles]
     if args.manifest is not None:
@@ -621,41 +524,19 @@ def _export(args: argparse.Namespace) -> int:
         raise BadRequest("nothing to export", "name handles, aliases or ids, or give --manifest FILE")
     bundle: Path = args.bundle
     partial = bundle.with_name(f".{bundle.name}.{os.getpid()}.partial")  # a failed export leaves no bundle
+    bar = ProgressBar(str(bundle), quiet=args.quiet or args.json)
 
-    async def via_daemon(client: DaemonClient) -> int:
-        pins = [sha or "" for _handle, sha in wanted] if any(sha for _handle, sha in wanted) else []
-        bar = ProgressBar(str(bundle), quiet=args.quiet or args.json)
-        try:
-            with open(partial, "wb") as out:
-                await client.export_bundle([handle for handle, _sha in wanted], pins, out, bar)
-        finally:
-            bar.close()
-        return 0
-
-    async def in_process(engine: Engine) -> int:
-        digests = []
-        for handle, sha256 in wanted:
-            if _ID_PREFIX.fullmatch(handle):
-                digests.append(engine.find(handle).digest)
-            else:
-                digests.append((await engine.resolve(handle, sha256=sha256, uid=os.getuid())).id)
-        header = plan_export(engine, digests)
-        done = iter(range(1, len(header.entries) + 1))
-
-        def exported(entry: BundleEntry) -> None:
-            size, names = human_bytes(entry.size_bytes), ", ".join(ref.handle for ref in entry.refs)
-            if not (args.quiet or args.json):  # progress: stderr, so stdout holds only the result
-                print(
-                    f"hubd: [{next(done)}/{len(header.entries)}] exported {entry.digest[:12]} ({size}) {names}",
-                    file=sys.stderr,
-                )
-
-        with open(partial, "wb") as out:
-            await asyncio.to_thread(write_bundle, engine, header, out, exported)
-        return 0
+    def exported(entry: BundleEntry, done: int, total: int) -> None:
+        size, names = human_bytes(entry.size_bytes), ", ".join(ref.handle for ref in entry.refs)
+        if not (args.quiet or args.json):  # progress: stderr, so stdout holds only the result
+            print(f"hubd: [{done}/{total}] exported {entry.digest[:12]} ({size}) {names}", file=sys.stderr)
 
     try:
-        asyncio.run(_run(args, via_daemon, in_process))
+        try:
+            with _backend(args) as backend, open(partial, "wb") as out:
+                backend.export(wanted, out, ExportProgress(received=bar, exported=exported))
+        finally:
+            bar.close()
         header = read_header(partial)
         os.replace(partial, bundle)
     except OSError as exc:
@@ -666,23 +547,24 @@ def _export(args: argparse.Namespace) -> int:
     except BaseException:
         remove_partial(partial)
         raise
-    if args.json:
-        models = [
-            {"id": e.digest, "size_bytes": e.size_bytes, "handles": [ref.handle for ref in e.refs]}
-            for e in header.entries
-        ]
-        print(json.dumps({"bundle": str(bundle), "size_bytes": bundle.stat().st_size, "models": models}, indent=2))
-        return 0
-    for entry in header.entries:
-        names = ", ".join(ref.handle for ref in entry.refs)
-        print(f"{entry.digest[:12]}  {human_bytes(entry.size_bytes):>10}  {names}")
-    size = human_bytes(bundle.stat().st_size)
-    print(f"hubd: wrote {bundle} ({size}, {len(header.entries)} models)", file=sys.stderr)
+
+    def table() -> None:
+        for entry in header.entries:
+            names = ", ".join(ref.handle for ref in entry.refs)
+            print(f"{entry.digest[:12]}  {human_bytes(entry.size_bytes):>10}  {names}")
+        size = human_bytes(bundle.stat().st_size)
+        print(f"hubd: wrote {bundle} ({size}, {len(header.entries)} models)", file=sys.stderr)
+
+    models = [
+        {"id": e.digest, "size_bytes": e.size_bytes, "handles": [ref.handle for ref in e.refs]}
+        for e in header.entries
+    ]
+    _render(args, {"bundle": str(bundle), "size_bytes": bundle.stat().st_size, "models": models}, table)
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    from hubd.bundle import ImportResult, describe, import_bundle
+    from hubd.bundle import ImportResult, describe
 
     results: list[ImportResult] = []
 
@@ -695,22 +577,10 @@ def _import(args: argparse.Namespace) -> int:
         if result.ok:
             print(f"{result.digest}  {', '.join(result.handles)}", flush=True)
 
-    async def via_daemon(client: DaemonClient) -> int:
-        async for event in client.import_bundle(args.bundle):
-            if event["event"] == "entry":
-                show(ImportResult.model_validate(event))
-            elif event["event"] == "error":
-                raise error_from(event)
-        return 0
-
-    async def in_process(engine: Engine) -> int:
-        with open(args.bundle, "rb") as stream:
-            await asyncio.to_thread(import_bundle, engine, stream, os.getuid(), show)
-        return 0
-
     if not args.bundle.is_file():
         raise BadRequest(f"no bundle at {args.bundle}", "give the file `hubd export` wrote")
-    asyncio.run(_run(args, via_daemon, in_process))
+    with _backend(args) as backend:
+        backend.import_bundle(args.bundle, show)
     refused = [r for r in results if not r.ok]
     if args.json:
         print(json.dumps({"event": "done", "imported": len(results) - len(refused), "refused": len(refused)}))
@@ -722,6 +592,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
+    from hubd.config import effective
+
     settings = settings_from(args)
     rows = effective(settings, flags_from(args))
     if args.json:

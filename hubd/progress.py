@@ -2,24 +2,17 @@
 
 rich draws the bars: it keeps them at the bottom of the terminal while other output scrolls above, measures
 rate and time remaining over a window, and honours NO_COLOR and TERM=dumb. Results go to stdout only after the
-bar is closed, so a path printed by `hubd pull` never lands on the bar's line.
+bar is closed, so a path printed by `hubd pull` never lands on the bar's line. rich is imported when the first bar
+is drawn, never by a command whose output is piped or quiet (it costs a start-up tens of milliseconds).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 def human_bytes(count: float) -> str:
@@ -31,6 +24,16 @@ def human_bytes(count: float) -> str:
 
 
 def _bars(stream: TextIO) -> Progress:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     return Progress(
         TextColumn("{task.description}"),
         TextColumn("{task.fields[phase]}"),
