@@ -9,6 +9,7 @@ received so far on disk, so a download cut by a restart continues with Range + I
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -471,6 +472,9 @@ class Download:
         self.on_progress = on_progress or (lambda phase, done, total: None)
         self.spool = spool
         self._hash = hashlib.sha256()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hubd-sha256")
+        """The archive's sha256 runs here, beside the loop (hashlib releases the GIL), while the chunk is fed:
+        on the loop it held up receiving for about 0.8 ms per MiB."""
         self._received = 0
         self._total: int | None = None
         self._validator: str | None = None
@@ -480,6 +484,12 @@ class Download:
         self._result = FetchResult("", 0, url)
 
     async def run(self) -> FetchResult:
+        try:
+            return await self._run()
+        finally:
+            self._hasher.shutdown(wait=False)  # no hash is pending: each chunk's is awaited before the next
+
+    async def _run(self) -> FetchResult:
         if self.spool is not None:
             await self._replay(self.spool)
         attempt = 0
@@ -633,10 +643,13 @@ class Download:
         if self.on_bytes is not None:
             await self.on_bytes(self._received + len(chunk))
         self._check_budget(self._received + len(chunk))
-        self._hash.update(chunk)
+        hashing = asyncio.get_running_loop().run_in_executor(self._hasher, self._hash.update, chunk)
         self._received += len(chunk)
-        if not await self.sink.feed(chunk):
-            self._complete = True
+        try:
+            if not await self.sink.feed(chunk):
+                self._complete = True
+        finally:
+            await hashing  # in order: the next chunk is hashed only after this one
 
     async def _copy_body(self, response: aiohttp.ClientResponse) -> None:
         last_report = 0.0
