@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 from hubd_client import transport
 from hubd_client.errors import HubdClientError
 
-from hubd.errors import HubdError
+from hubd.errors import HubdError, error_class
 
 if TYPE_CHECKING:
     from hubd.config import Settings
@@ -43,16 +43,9 @@ def client_timeouts() -> tuple[float, float, float]:
     return transport.timeouts()
 
 
-def _error_classes(base: type[HubdError] = HubdError) -> list[type[HubdError]]:
-    return [cls for sub in base.__subclasses__() for cls in (sub, *_error_classes(sub))]
-
-
-_BY_CODE: dict[str, type[HubdError]] = {cls.code: cls for cls in _error_classes()}
-
-
 def error_from(body: dict[str, Any]) -> HubdError:
     detail = body.get("error", body)
-    cls = _BY_CODE.get(str(detail.get("code")), HubdError)
+    cls = error_class(str(detail.get("code")))  # the explicit registry in hubd.errors
     error = cls(str(detail.get("message", "the daemon reported an error")), str(detail.get("hint", "")))
     error.code = str(detail.get("code", error.code))
     return error

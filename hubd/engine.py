@@ -44,18 +44,20 @@ from hubd.errors import (
     DisallowedHost,
     DiskFull,
     HubdError,
+    MirrorUnsigned,
     NotCached,
+    PinnedModel,
     UnknownModel,
     UpstreamError,
     VerificationFailed,
 )
+from hubd.errors import RefConflict as RefConflict  # bundle.py imports it from here
 from hubd.eviction import GcReport, QuotaExceeded, collect, unevictable_bytes
 from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import (
     SPOOLS_PER_UID,
     Download,
     FetchResult,
-    MirrorUnsigned,
     ProgressCallback,
     ResumeSpool,
     list_spools,
@@ -117,20 +119,6 @@ class _MetaCache(OrderedDict[str, ObjectMeta]):
         self.move_to_end(digest)
         while len(self) > self.MAX_ENTRIES:
             self.popitem(last=False)
-
-
-class RefConflict(HubdError):
-    """A handle already names another verified model: a cached handle never silently changes what it loads."""
-
-    code = "ref_conflict"
-    http_status = 409
-
-
-class PinnedModel(HubdError):
-    """`rm` of a model a manifest pins: refused unless forced, so a manifest's model does not vanish unnoticed."""
-
-    code = "pinned"
-    http_status = 409
 
 
 @dataclass

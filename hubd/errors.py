@@ -1,9 +1,14 @@
 """Errors as values: a stable code, a message saying what happened, a hint saying what to do next.
 
-They are raised where the fact is known and rendered once, at the shell (CLI line, HTTP JSON body).
+They are raised where the fact is known and rendered once, at the shell (CLI line, HTTP JSON body). Every code
+the daemon answers with is defined here and listed in `REGISTRY`, so a client turns a code back into its class
+from one explicit table (`error_class`), and the codes' HTTP statuses are in one file.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 # The base and the handle errors are the client package's (its handle parser raises them), re-exported here.
 from hubd_client.errors import BadHandle as BadHandle
@@ -65,6 +70,12 @@ class TooManyRedirects(UpstreamError):
     code = "too_many_redirects"
 
 
+class MirrorUnsigned(UpstreamError):
+    """A mirror that shares our key (HUBD_MIRROR_KEY_FILE) answered without a valid signature for this handle."""
+
+    code = "mirror_unsigned"
+
+
 class UpstreamTooSlow(UpstreamError):
     """The upstream sent less than the minimum rate (HUBD_MIN_RATE) over a whole window."""
 
@@ -81,3 +92,64 @@ class UnknownModel(HubdError):
 
     code = "unknown_model"
     http_status = 404
+
+
+class RefConflict(HubdError):
+    """A handle already names another verified model: a cached handle never silently changes what it loads."""
+
+    code = "ref_conflict"
+    http_status = 409
+
+
+class PinnedModel(HubdError):
+    """`rm` of a model a manifest pins: refused unless forced, so a manifest's model does not vanish unnoticed."""
+
+    code = "pinned"
+    http_status = 409
+
+
+class LayoutTooNew(HubdError):
+    """The cache's layout version is newer than this hubd understands (or unreadable): refused, never guessed."""
+
+    code = "cache_layout_unsupported"
+    http_status = 503
+
+
+class TooManyExports(HubdError):
+    """One user (or TCP peer) already runs as many exports as it may (`routes.EXPORTS_PER_USER`)."""
+
+    code = "too_many_exports"
+    http_status = 429
+
+
+REGISTRY: tuple[type[HubdError], ...] = (
+    HubdError,
+    BadHandle,
+    DisallowedHost,
+    BadRequest,
+    NotFoundUpstream,
+    NotCached,
+    ChecksumMismatch,
+    VerificationFailed,
+    UnsafeArchive,
+    ArchiveTooLarge,
+    NotAnArchive,
+    UpstreamError,
+    TooManyRedirects,
+    MirrorUnsigned,
+    UpstreamTooSlow,
+    DiskFull,
+    UnknownModel,
+    RefConflict,
+    PinnedModel,
+    LayoutTooNew,
+    TooManyExports,
+)
+"""Every error class by hand, so what a code means never depends on which modules happen to be imported."""
+
+BY_CODE: Mapping[str, type[HubdError]] = MappingProxyType({cls.code: cls for cls in REGISTRY})
+
+
+def error_class(code: str) -> type[HubdError]:
+    """The class of an error code sent by the daemon; the base class for a code this version does not know."""
+    return BY_CODE.get(code, HubdError)

@@ -72,12 +72,6 @@ class FetchResult:
     """The mirror's HMAC of `hubd_claim` under the shared mirror key, when it has one."""
 
 
-class MirrorUnsigned(UpstreamError):
-    """A mirror that shares our key (HUBD_MIRROR_KEY_FILE) answered without a valid signature for this handle."""
-
-    code = "mirror_unsigned"
-
-
 class _Retryable(Exception):
     """A failure worth another try; carries the reason for the final error message."""
 

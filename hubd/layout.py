@@ -21,18 +21,13 @@ from typing import TYPE_CHECKING
 
 from hubd_client.layout import LAYOUT_VERSION, VERSION_FILE
 
-from hubd.errors import HubdError
+from hubd.errors import LayoutTooNew  # re-exported: tests/unit/test_layout.py imports it from here
 
 if TYPE_CHECKING:
     from hubd.store import Store
 
 __all__ = ["LAYOUT_VERSION", "VERSION_FILE", "LayoutTooNew", "Migration", "open_layout", "read_version"]
 log = logging.getLogger("hubd.layout")
-
-
-class LayoutTooNew(HubdError):
-    code = "cache_layout_unsupported"
-    http_status = 503
 
 
 @dataclass

@@ -17,10 +17,11 @@ import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.config import Settings
+from hubd.errors import LayoutTooNew
 from hubd.extract import SafeExtractor
 from hubd.index import Index
 from hubd.inflate import GzipReader
-from hubd.layout import LAYOUT_VERSION, VERSION_FILE, LayoutTooNew
+from hubd.layout import LAYOUT_VERSION, VERSION_FILE
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
 from hubd.tree import FileRecord, TreeManifest

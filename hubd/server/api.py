@@ -131,3 +131,18 @@ class VerifyResult(_Strict):
 
 class VerifyResponse(_Strict):
     results: list[VerifyResult]
+
+
+class ImportDone(_Strict):
+    """The last line of POST /v1/import's stream when the bundle could be read to its end."""
+
+    event: Literal["done"]
+    imported: int
+    refused: int
+
+
+class ImportFailed(_Strict):
+    """The last line of POST /v1/import's stream when the bundle itself could not be read."""
+
+    event: Literal["error"]
+    error: ErrorDetail

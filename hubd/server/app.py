@@ -1,4 +1,4 @@
-"""The application factory: routes, the error and guard middlewares, and the OpenAPI document."""
+"""The application factory: the route table registered, the error and guard middlewares, the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -6,18 +6,17 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
 
-from hubd import __version__
 from hubd.engine import Engine
-from hubd.entry import Entry
 from hubd.errors import HubdError
 from hubd.events import ErrorDetail
 from hubd.server import api
 from hubd.server.guards import AdminPolicy, Handler, browser_guard
 from hubd.server.metrics import Metrics
-from hubd.server.routes import ADMIN, CONNECTIONS, ENGINE, METRICS, OPENAPI, add_routes
+from hubd.server.openapi import openapi_document
+from hubd.server.routes import ADMIN, CONNECTIONS, ENGINE, METRICS, OPENAPI, add_state
+from hubd.server.routes_table import ROUTES
+from hubd.server.routing import add_routes
 
 log = logging.getLogger("hubd.server")
 MAX_BODY = 4 * 2**20
@@ -75,138 +74,7 @@ def create_app(engine: Engine, admin: AdminPolicy) -> web.Application:
     app[ENGINE] = engine
     app[ADMIN] = admin
     app[METRICS] = metrics
-    app[OPENAPI] = openapi_document()
-    add_routes(app)
+    app[OPENAPI] = openapi_document(ROUTES)
+    add_state(app)
+    add_routes(app, ROUTES, admin)
     return app
-
-
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 for API v1, built from the same pydantic models the handlers validate with."""
-    models: list[type[BaseModel]] = [
-        api.ResolveRequest,
-        api.PullRequest,
-        api.VerifyRequest,
-        api.PrefetchRequest,
-        api.ErrorBody,
-        api.Health,
-        api.ModelList,
-        api.VerifyResponse,
-        api.GcRequest,
-        api.GcResponse,
-        api.Status,
-        api.AuditList,
-        api.Unpinned,
-        Entry,
-    ]
-    _, schema = models_json_schema(
-        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
-    )
-    components = schema.get("$defs", {})
-
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def responses(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"200": ok}
-        for status in (400, 403, 404, 408, 409, 413, 415, 422, 502, 503, 507, *errors):
-            out[str(status)] = {
-                "description": "error",
-                "content": {"application/json": {"schema": ref("ErrorBody")}},
-            }
-        return out
-
-    def body(name: str, required: bool = True) -> dict[str, Any]:
-        return {"required": required, "content": {"application/json": {"schema": ref(name)}}}
-
-    def json_ok(name: str) -> dict[str, Any]:
-        return {"description": "ok", "content": {"application/json": {"schema": ref(name)}}}
-
-    ndjson_ok = {"description": "NDJSON progress events", "content": {"application/x-ndjson": {"schema": {}}}}
-    model_id = {
-        "name": "id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^[0-9a-f]{8,64}$"},
-    }
-    paths: dict[str, Any] = {
-        "/v1/health": {"get": {"operationId": "health", "responses": responses(json_ok("Health"))}},
-        "/v1/resolve": {
-            "post": {
-                "operationId": "resolve",
-                "requestBody": body("ResolveRequest"),
-                "responses": responses(json_ok("Entry")),
-            }
-        },
-        "/v1/pull": {
-            "post": {"operationId": "pull", "requestBody": body("PullRequest"), "responses": responses(ndjson_ok)}
-        },
-        "/v1/models": {"get": {"operationId": "listModels", "responses": responses(json_ok("ModelList"))}},
-        "/v1/models/{id}": {
-            "get": {"operationId": "getModel", "parameters": [model_id], "responses": responses(json_ok("Entry"))},
-            "delete": {
-                "operationId": "deleteModel",
-                "parameters": [model_id],
-                "responses": responses(json_ok("Entry")),
-            },
-        },
-        "/v1/models/{id}/pin": {
-            "delete": {
-                "operationId": "unpinModel",
-                "parameters": [model_id],
-                "responses": responses(json_ok("Unpinned")),
-            }
-        },
-        "/v1/verify": {
-            "post": {
-                "operationId": "verify",
-                "requestBody": body("VerifyRequest", required=False),
-                "responses": responses(json_ok("VerifyResponse")),
-            }
-        },
-        "/v1/prefetch": {
-            "post": {
-                "operationId": "prefetch",
-                "requestBody": body("PrefetchRequest"),
-                "responses": responses(ndjson_ok),
-            }
-        },
-        "/v1/gc": {
-            "post": {
-                "operationId": "gc",
-                "requestBody": body("GcRequest", required=False),
-                "responses": responses(json_ok("GcResponse")),
-            }
-        },
-        "/v1/status": {"get": {"operationId": "status", "responses": responses(json_ok("Status"))}},
-        "/v1/audit": {
-            "get": {
-                "operationId": "audit",
-                "parameters": [
-                    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                    for name in ("since", "until", "uid", "action", "limit")
-                ],
-                "responses": responses(json_ok("AuditList")),
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "hubd",
-            "version": __version__,
-            "description": "Local API of the hubd model cache daemon.",
-        },
-        "paths": paths,
-        "components": {"schemas": components},
-    }

@@ -18,7 +18,8 @@ from hubd import __version__, bundle
 from hubd.audit import ACTIONS, parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
-from hubd.errors import BadHandle, BadRequest, HubdError
+from hubd.errors import BadHandle, BadRequest, HubdError, TooManyExports
+from hubd.events import ErrorDetail
 from hubd.eviction import gc_lock
 from hubd.executors import EXPORTS, PARSING, WAITS, run_in
 from hubd.manifest import Manifest, ManifestEntry, ManifestProblems, parse_manifest, validate
@@ -28,6 +29,8 @@ from hubd.server.api import (
     GcRequest,
     GcResponse,
     Health,
+    ImportDone,
+    ImportFailed,
     ModelList,
     PrefetchRequest,
     PullRequest,
@@ -53,7 +56,7 @@ OPENAPI = web.AppKey("openapi", dict)
 CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 RUNNING = web.AppKey("running", dict)
 """Shared runs of coalesced work (verify), by key."""
-_ID = re.compile(r"^[0-9a-f]{8,64}$")
+MODEL_ID = re.compile(r"^[0-9a-f]{8,64}$")
 log = logging.getLogger("hubd.server")
 
 
@@ -282,8 +285,8 @@ async def _write_or_give_up(
 PAGE = 1000
 """Models (or users, in status) per page when the query gives no `limit`."""
 MAX_PAGE = 10_000
-_MODELS_CURSOR = re.compile(r"^[0-9a-f]{64}$")
-_USERS_CURSOR = re.compile(r"^[0-9]{1,9}$")
+MODELS_CURSOR = re.compile(r"^[0-9a-f]{64}$")
+USERS_CURSOR = re.compile(r"^[0-9]{1,9}$")
 
 
 def _page(request: web.Request, cursor_form: re.Pattern[str]) -> tuple[int, str | None]:
@@ -303,16 +306,13 @@ def _page(request: web.Request, cursor_form: re.Pattern[str]) -> tuple[int, str 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models?limit=&cursor=: a page of models in id order and the cursor of the next page. A page costs
     an index look-up per model on it, whatever the cache's size; off the event loop all the same."""
-    limit, cursor = _page(request, _MODELS_CURSOR)
+    limit, cursor = _page(request, MODELS_CURSOR)
     models, following = await asyncio.to_thread(_engine(request).list_page, limit, cursor)
     return json_response(ModelList(models=models, next_cursor=following))
 
 
 def _model_id(request: web.Request) -> str:
-    model_id = request.match_info["id"]
-    if not _ID.match(model_id):
-        raise BadRequest(f"not a model id: {model_id!r}", "ids are the hex digests shown by GET /v1/models")
-    return model_id
+    return request.match_info["id"]  # checked against MODEL_ID's pattern before the handler runs
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -324,7 +324,6 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = _model_id(request)
-    request.app[ADMIN].check(request)
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     return json_response(
         await run_in(WAITS, _remove_exclusively, _engine(request), model_id, _uid(request), force)
@@ -341,7 +340,6 @@ def _remove_exclusively(engine: Engine, model_id: str, uid: int | None, force: b
 async def unpin(request: web.Request) -> web.Response:
     """Let eviction remove a pinned model again (admins; recorded in the audit trail)."""
     model_id = _model_id(request)
-    request.app[ADMIN].check(request)
     engine = _engine(request)
     digest = (await asyncio.to_thread(engine.find, model_id)).digest
     names = await asyncio.to_thread(engine.unpin, digest, _uid(request))
@@ -349,7 +347,6 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def gc(request: web.Request) -> web.Response:
-    request.app[ADMIN].check(request)
     body = await parse_body(request, GcRequest)
     report = await _engine(request).gc(dry_run=body.dry_run, max_size=body.max_size)
     return json_response(GcResponse(**report.__dict__))
@@ -357,7 +354,7 @@ async def gc(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     """GET /v1/status?limit=&cursor=: the cache's figures, with a page of its per-user usage."""
-    limit, cursor = _page(request, _USERS_CURSOR)
+    limit, cursor = _page(request, USERS_CURSOR)
     return json_response(await cache_status(_engine(request), limit, int(cursor) if cursor else 0))
 
 
@@ -389,7 +386,7 @@ async def verify(request: web.Request) -> web.Response:
     body = await parse_body(request, VerifyRequest)
     if (
         body.handle is not None
-        and not _ID.match(body.handle)
+        and not MODEL_ID.match(body.handle)
         and _engine(request).catalog.alias(body.handle) is None
     ):
         _remote_only(body.handle)
@@ -414,7 +411,6 @@ async def verify(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.Response:
     """The audit trail, oldest first, for admins: ?since=&until= (epoch seconds or ISO 8601), ?uid= (a number or
     an account name), ?action=, ?limit= (the most recent N, default 10000)."""
-    request.app[ADMIN].check(request)
     query = request.query
     action = query.get("action") or None
     if action is not None and action not in ACTIONS:
@@ -448,7 +444,7 @@ async def export_bundle(request: web.Request) -> web.StreamResponse:
         raise BadRequest("name the models to export", "?handle=H (repeatable); ?sha256=S once per handle, or none")
     digests = []
     for handle, pin in zip(handles, pins or [""] * len(handles), strict=True):
-        if _ID.match(handle):
+        if MODEL_ID.match(handle):
             digests.append((await asyncio.to_thread(engine.find, handle)).digest)
             continue
         handle, sha256 = _expand_alias(engine, handle, pin or None)
@@ -498,11 +494,6 @@ EXPORTING = web.AppKey("exporting", dict)
 """Running exports, by uid (or TCP peer address)."""
 
 
-class TooManyExports(HubdError):
-    code = "too_many_exports"
-    http_status = 429
-
-
 def _write_bundle(engine: Engine, header: bundle.BundleHeader, out: io.BufferedWriter) -> None:
     bundle.write_bundle(engine, header, out)
     out.flush()
@@ -512,7 +503,6 @@ async def import_bundle(request: web.Request) -> web.StreamResponse:
     """POST /v1/import, the body a bundle: admins only (it adds models every user loads). The daemon never reads
     a path for a caller; the bytes come in the body. NDJSON: one "entry" event per model as it is imported or
     refused, then "done" (or "error" when the bundle itself cannot be read)."""
-    request.app[ADMIN].check(request)
     engine = _engine(request)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[bundle.ImportResult | None] = asyncio.Queue()
@@ -543,10 +533,13 @@ async def import_bundle(request: web.Request) -> web.StreamResponse:
         await send(event.model_dump_json().encode() + b"\n")
     try:
         results = work.result()
-        done = {"event": "done", "imported": sum(r.ok for r in results), "refused": sum(not r.ok for r in results)}
-        await send(json.dumps(done).encode() + b"\n")
+        done = ImportDone(
+            event="done", imported=sum(r.ok for r in results), refused=sum(not r.ok for r in results)
+        )
+        await send(done.model_dump_json().encode() + b"\n")
     except HubdError as exc:
-        await send(json.dumps({"event": "error", "error": exc.as_dict()}).encode() + b"\n")
+        failed = ImportFailed(event="error", error=ErrorDetail(**exc.as_dict()))
+        await send(failed.model_dump_json().encode() + b"\n")
     if connected:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write_eof()
@@ -573,22 +566,7 @@ async def _shared(app: web.Application, key: Hashable, start: Callable[[], Await
     return cast(T, await asyncio.shield(task))  # a caller that goes away does not cancel the others' run
 
 
-def add_routes(app: web.Application) -> None:
+def add_state(app: web.Application) -> None:
+    """What the handlers keep between requests: shared verify runs, and running exports per user."""
     app[RUNNING] = {}
     app[EXPORTING] = {}
-    app.router.add_get("/v1/health", health)
-    app.router.add_post("/v1/resolve", resolve)
-    app.router.add_post("/v1/pull", pull)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{id}", get_model)
-    app.router.add_delete("/v1/models/{id}", delete_model)
-    app.router.add_delete("/v1/models/{id}/pin", unpin)
-    app.router.add_post("/v1/verify", verify)
-    app.router.add_post("/v1/prefetch", prefetch)
-    app.router.add_post("/v1/gc", gc)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/v1/audit", audit)
-    app.router.add_get("/v1/export", export_bundle)
-    app.router.add_post("/v1/import", import_bundle)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/openapi.json", openapi)
