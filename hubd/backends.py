@@ -4,6 +4,9 @@ Both backends answer with the API's own models (hubd/server/api.py, hubd/events.
 is written once against `Backend` and rendered once. `DaemonBackend` is the daemon's API through `DaemonClient`
 (standard library HTTP: no aiohttp, no event loop); `LocalBackend` starts the engine, on a cache the user owns,
 and runs each call on its own event loop. Neither prints anything: progress reaches the caller as callbacks.
+
+A model a command does not need is imported by the method that returns it: `hubd pull` through the daemon loads
+the events and `Entry`, nothing of the server or the engine.
 """
 
 from __future__ import annotations
@@ -17,17 +20,17 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 from hubd.api_client import AnswerBrokenOff, DaemonClient, error_from
-from hubd.audit import AuditRecord
 from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, UnknownModel
 from hubd.events import DoneEvent, ErrorEvent, ProgressEvent, SummaryEvent
-from hubd.server.api import AuditList, GcResponse, Status, Unpinned, VerifyResponse, VerifyResult
 
 if TYPE_CHECKING:
+    from hubd.audit import AuditRecord
     from hubd.bundle import BundleEntry, ImportResult
     from hubd.config import Settings
     from hubd.engine import Engine
     from hubd.manifest import Manifest
+    from hubd.server.api import GcResponse, Status, Unpinned, VerifyResult
 
 T = TypeVar("T")
 Event = ProgressEvent | DoneEvent | ErrorEvent | SummaryEvent
@@ -171,23 +174,33 @@ class DaemonBackend:
         return Entry.model_validate(self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}{query}"))
 
     def unpin(self, handle: str) -> Unpinned:
+        from hubd.server.api import Unpinned
+
         return Unpinned.model_validate(self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}/pin"))
 
     def verify(self, handle: str | None, heal: bool) -> list[VerifyResult]:
+        from hubd.server.api import VerifyResponse
+
         data = self.client.json("POST", "/v1/verify", {"handle": handle, "heal": heal}, long=True)
         return VerifyResponse.model_validate(data).results
 
     def gc(self, dry_run: bool, max_size: int | None) -> GcResponse:
+        from hubd.server.api import GcResponse
+
         data = self.client.json("POST", "/v1/gc", {"dry_run": dry_run, "max_size": max_size}, long=True)
         return GcResponse.model_validate(data)
 
     def status(self, page: int = 1000) -> Status:
+        from hubd.server.api import Status
+
         merged: dict[str, Any] = {}
         for data in self.client.pages("/v1/status", page):
             merged = {**data, "users": [*merged.get("users", []), *data.get("users", [])]}
         return Status.model_validate({**merged, "next_cursor": None})
 
     def audit(self, query: AuditQuery) -> list[AuditRecord]:
+        from hubd.server.api import AuditList
+
         params = {k: v for k in ("since", "until", "uid", "action") if (v := getattr(query, k))}
         params["limit"] = str(query.limit)
         return AuditList.model_validate(self.client.json("GET", f"/v1/audit?{urlencode(params)}")).records
@@ -292,10 +305,14 @@ class LocalBackend:
         return self.engine.remove(handle, uid=self.uid, force=force)
 
     def unpin(self, handle: str) -> Unpinned:
+        from hubd.server.api import Unpinned
+
         digest = self.engine.find(handle).digest
         return Unpinned(id=digest, unpinned=self.engine.unpin(digest, self.uid))
 
     def verify(self, handle: str | None, heal: bool) -> list[VerifyResult]:
+        from hubd.server.api import VerifyResult
+
         reports = self._run(self.engine.verify(handle, heal=heal))
         return [
             VerifyResult(id=r.entry.id, handles=r.entry.handles, problems=r.problems, healed=r.healed)
@@ -303,6 +320,8 @@ class LocalBackend:
         ]
 
     def gc(self, dry_run: bool, max_size: int | None) -> GcResponse:
+        from hubd.server.api import GcResponse
+
         report = self._run(self.engine.gc(dry_run=dry_run, max_size=max_size))
         return GcResponse(**report.__dict__)
 
