@@ -26,16 +26,16 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar, cast
+from typing import IO, Any, Literal, Protocol, TypeVar, cast
 
+from hubd_client.handles import Source
 from hubd_client.kinds import KINDS
 from hubd_client.layout import ref_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hubd import __version__
-from hubd.engine import Engine, RefConflict
-from hubd.errors import BadRequest, DiskFull, HubdError, UnsafeArchive, VerificationFailed
-from hubd.eviction import QuotaExceeded, collect, gc_lock, unevictable_bytes
+from hubd.errors import BadRequest, DiskFull, HubdError, RefConflict, UnsafeArchive, VerificationFailed
+from hubd.eviction import Cache, QuotaExceeded, collect, gc_lock, unevictable_bytes
 from hubd.extract import SafeExtractor
 from hubd.layout import LAYOUT_VERSION
 from hubd.progress import human_bytes
@@ -108,7 +108,16 @@ class ImportResult(BaseModel):
 # -- export ---------------------------------------------------------------------------------------------
 
 
-def plan_export(engine: Engine, digests: list[str]) -> BundleHeader:
+class Publisher(Cache, Protocol):
+    """What bundles need of the engine (hubd.engine.Engine is one; it is not imported: the engine builds the
+    object store, which writes bundles, so an import would close a circle)."""
+
+    def parse(self, handle: str) -> Source: ...
+    def publish_refs(self, tree: Path, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> None:
+        """Publish the tree and point `refs` at it (the gc lock held shared, the refs checked by the caller)."""
+
+
+def plan_export(engine: Publisher, digests: list[str]) -> BundleHeader:
     """The header for these cached objects (duplicates once): their manifests and every ref that names them."""
     entries: list[BundleEntry] = []
     for digest in dict.fromkeys(digests):
@@ -143,7 +152,7 @@ def plan_export(engine: Engine, digests: list[str]) -> BundleHeader:
 
 
 def write_bundle(
-    engine: Engine, header: BundleHeader, out: IO[bytes], on_entry: Callable[[BundleEntry], None] | None = None
+    engine: Publisher, header: BundleHeader, out: IO[bytes], on_entry: Callable[[BundleEntry], None] | None = None
 ) -> None:
     """Write the bundle to `out` (any writable stream: a file, an HTTP response). Every file is re-hashed as it
     is written; one that no longer matches its manifest stops the export (`VerificationFailed`)."""
@@ -165,7 +174,7 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes, mtime: float) -
     archive.addfile(info, io.BytesIO(data))
 
 
-def _write_entry(engine: Engine, archive: tarfile.TarFile, entry: BundleEntry, mtime: float) -> None:
+def _write_entry(engine: Publisher, archive: tarfile.TarFile, entry: BundleEntry, mtime: float) -> None:
     manifest = TreeManifest.from_json(entry.manifest)
     prefix = f"objects/{entry.digest}/"
     root = os.open(engine.store.object_path(entry.digest), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -254,7 +263,7 @@ def _broken(entry: BundleEntry, why: str) -> VerificationFailed:
 
 
 def import_bundle(
-    engine: Engine, stream: IO[bytes], uid: int | None, on_entry: Callable[[ImportResult], None]
+    engine: Publisher, stream: IO[bytes], uid: int | None, on_entry: Callable[[ImportResult], None]
 ) -> list[ImportResult]:
     """Import every entry of the bundle read from `stream`, each published on its own once it passed every
     check; `on_entry` hears of each as it ends. Raises `BadBundle` when the bundle itself cannot be read (then
@@ -326,7 +335,7 @@ def _next(archive: tarfile.TarFile) -> tarfile.TarInfo | None:
 
 
 def _import_entry(
-    engine: Engine,
+    engine: Publisher,
     archive: tarfile.TarFile,
     member: tarfile.TarInfo | None,
     entry: BundleEntry,
@@ -398,7 +407,7 @@ class _EntryExtractor(SafeExtractor):
 
 
 def _publish_checked(
-    engine: Engine, extractor: _EntryExtractor, tree: Path, entry: BundleEntry
+    engine: Publisher, extractor: _EntryExtractor, tree: Path, entry: BundleEntry
 ) -> HubdError | None:
     """The entry's last checks (digest, structure, handles, refs, quota), then its publish; the error, if any."""
     try:
@@ -423,9 +432,9 @@ def _publish_checked(
     return None
 
 
-def _publish(engine: Engine, tree: Path, meta: ObjectMeta, entry: BundleEntry) -> None:
+def _publish(engine: Publisher, tree: Path, meta: ObjectMeta, entry: BundleEntry) -> None:
     """Under each handle's flock (as a fetch of it takes) and the shared gc lock: refuse any ref that would
-    change which healthy model a handle names, then publish as a fetch does (`Engine.publish_refs`)."""
+    change which healthy model a handle names, then publish as a fetch does (`publish_refs`)."""
     refs: list[tuple[str, Ref]] = []
     for given in entry.refs:
         source = engine.parse(given.handle)
@@ -466,7 +475,7 @@ def _flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _healthy(engine: Engine, digest: str) -> bool:
+def _healthy(engine: Publisher, digest: str) -> bool:
     meta = engine.store.read_meta(digest)
     tree = engine.store.object_path(digest)
     return meta is not None and tree.is_dir() and not quick_problems(tree, meta.manifest)

@@ -7,13 +7,11 @@ publish -> refs + index -> Entry. The CLI, the daemon and the tests all drive th
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import fcntl
 import hashlib
 import hmac
-import itertools
 import logging
 import os
 import shutil
@@ -21,11 +19,10 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,6 +30,7 @@ from hubd_client.handles import AnyHost, Source, origin, origin_allowed, parse_h
 from hubd_client.kinds import KINDS
 from hubd_client.layout import object_relpath, ref_key
 
+from hubd import inventory, maintenance
 from hubd.audit import AuditLog
 from hubd.catalog import Catalog, claims_of
 from hubd.config import Settings
@@ -46,14 +44,12 @@ from hubd.errors import (
     HubdError,
     MirrorUnsigned,
     NotCached,
-    PinnedModel,
-    UnknownModel,
+    RefConflict,
     UpstreamError,
     VerificationFailed,
 )
-from hubd.errors import RefConflict as RefConflict  # bundle.py imports it from here
 from hubd.eviction import GcReport, QuotaExceeded, collect, unevictable_bytes
-from hubd.executors import HASHING, HIT_CHECKS, WAITS, coalesced, run_in
+from hubd.executors import HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import (
     SPOOLS_PER_UID,
     Download,
@@ -65,13 +61,16 @@ from hubd.fetch import (
     trim_spools,
 )
 from hubd.index import Index
+from hubd.inventory import CacheCounts
+from hubd.maintenance import VerifyReport as VerifyReport  # routes.py imports it from here
+from hubd.objectstore import open_object_store
 from hubd.progress import human_bytes
 from hubd.sink import StreamingExtraction
 from hubd.slots import FetchSlots
+from hubd.stats import FetchedFrom, ResolveStats
 from hubd.store import ObjectMeta, Ref, Store, gc_lock
 from hubd.tfhub_view import TfhubView
-from hubd.tree import TreeManifest
-from hubd.verify import full_problems, quick_problems, structural_problems
+from hubd.verify import quick_problems, structural_problems
 
 log = logging.getLogger("hubd.engine")
 
@@ -121,13 +120,6 @@ class _MetaCache(OrderedDict[str, ObjectMeta]):
             self.popitem(last=False)
 
 
-@dataclass
-class VerifyReport:
-    entry: Entry
-    problems: list[str]
-    healed: bool = False
-
-
 class Engine:
     """Owns one cache root. Methods are coroutines; call `start` first and `close` at the end."""
 
@@ -153,19 +145,9 @@ class Engine:
         self.audit = AuditLog(settings.cache_dir, fsync=settings.fsync)
         self._meta_cache = _MetaCache()
         self.view = TfhubView(self.store) if settings.tfhub_view else None
-        self.stats: dict[str, float] = {
-            "hits": 0,
-            "misses": 0,
-            "bytes_fetched": 0,
-            "fetches": 0,
-            "fetch_seconds": 0,
-            **{f"bytes_from_{source}": 0 for source in ("upstream", "mirror", "spool")},
-            "bytes_served_mirror": 0,
-        }
+        self.stats = ResolveStats()
         self.fetch_observers: list[Callable[[float], None]] = []
         """Called with each published fetch's seconds (the daemon keeps a histogram of them)."""
-        from hubd.objectstore import open_object_store  # it imports hubd.bundle, which imports this module
-
         self.objectstore = open_object_store(settings.object_store)
         """The shared S3 tier (HUBD_OBJECT_STORE): looked in before upstream, uploaded to after a fetch."""
 
@@ -216,7 +198,7 @@ class Engine:
         for ref in list(self.store.refs_since(since)):
             if "@" in ref.canonical:
                 if self.store.read_meta(ref.digest) is not None:
-                    self.remove_digest(ref.digest)
+                    maintenance.remove_digest(self, ref.digest)
             else:
                 try:
                     parse_handle(ref.handle, AnyHost())
@@ -252,6 +234,11 @@ class Engine:
             await self._session.close()
         if self._index is not None:
             self._index.close()
+
+    @property
+    def started(self) -> bool:
+        """Whether `start` has opened the cache (its index, its directories)."""
+        return self._index is not None
 
     @property
     def index(self) -> Index:
@@ -312,12 +299,12 @@ class Engine:
             HIT_CHECKS, (self.store.root, source.ref_key, sha256), self.cached_entry, source, sha256
         )
         if cached is not None:
-            self.stats["hits"] += 1
+            self.stats.hits += 1
             log.info("fetch handle=%s cache=hit bytes=0 seconds=%.3f", source.handle, time.monotonic() - started)
             return self._attributed(cached, uid)
         if self.settings.offline or offline:
             raise self._not_cached(source, "hubd is offline" if self.settings.offline else "offline was asked for")
-        self.stats["misses"] += 1
+        self.stats.misses += 1
         return self._attributed(await self._join_flight(source, sha256, on_progress, uid, interactive), uid)
 
     def _attributed(self, entry: Entry, uid: int | None) -> Entry:
@@ -337,10 +324,10 @@ class Engine:
         problems = quick_problems(tree, meta.manifest)
         if problems:
             if tree.is_dir():
-                self._quarantine(ref.digest, problems)
+                self.quarantine(ref.digest, problems)
             return None
         self.index.touch(ref.digest)
-        return self._entry(meta, last_used=time.time())
+        return self.entry_for(meta, last_used=time.time())
 
     async def _join_flight(
         self,
@@ -504,11 +491,8 @@ class Engine:
                 await sink.abort()
                 raise
             await asyncio.to_thread(spool.discard)  # the archive is whole: what follows never needs it again
-            self.stats["fetches"] += 1
-            self.stats["bytes_fetched"] += result.size
-            self.stats["bytes_from_spool"] += result.replayed
-            source_key = f"bytes_from_{self._where_from(url, result).removeprefix('spool+')}"
-            self.stats[source_key] = self.stats.get(source_key, 0) + result.size - result.replayed
+            self.stats.fetches += 1
+            self.stats.fetched(self._fetched_from(url), result.size, result.replayed)
             flight.emit("verify", 0, None)
             archive_sha256 = self._archive_sha256(source, url, result, manifest.digest())
             if sha256 and archive_sha256 != sha256:
@@ -535,11 +519,11 @@ class Engine:
             if not flight.interactive:  # a publish's fsyncs would queue the disk writes of someone waiting
                 await self._yield_to_interactive()
             flight.emit("publish", 0, None)
-            await asyncio.to_thread(self._publish, staging.tree, meta, source.handle)
+            await asyncio.to_thread(self.publish, staging.tree, meta, source.handle)
             if self.objectstore is not None:
                 self.objectstore.upload_later(self, meta, source)
             seconds = time.monotonic() - started
-            self.stats["fetch_seconds"] += seconds
+            self.stats.fetch_seconds += seconds
             for observe in self.fetch_observers:
                 observe(seconds)
             where = self._where_from(url, result)
@@ -562,7 +546,7 @@ class Engine:
             if self.settings.max_size is not None:  # resume spools (partial/) count against the quota too
                 models = max(0, self.settings.max_size - await asyncio.to_thread(self.spool_bytes))
                 await asyncio.to_thread(collect, self, models, False, frozenset({meta.digest}))
-            return self._entry(meta, last_used=time.time())
+            return self.entry_for(meta, last_used=time.time())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(
@@ -573,7 +557,7 @@ class Engine:
         finally:
             await asyncio.to_thread(staging.cleanup)
 
-    def _publish(self, tree: Path, meta: ObjectMeta, handle: str) -> None:
+    def publish(self, tree: Path, meta: ObjectMeta, handle: str) -> None:
         """Publish the tree and point the names at it, all under the shared gc lock (no eviction in between).
 
         A ref never silently changes the model it names. The handle's own fetch may replace its ref only when
@@ -600,7 +584,7 @@ class Engine:
 
     def publish_refs(self, tree: Path, meta: ObjectMeta, refs: list[tuple[str, Ref]]) -> None:
         """Publish the tree, point `refs` (checked by the caller: none may silently change) at it, then index and
-        link it. Call with the gc lock held shared; `_publish` and bundle imports (hubd/bundle.py) share it."""
+        link it. Call with the gc lock held shared; `publish` and bundle imports (hubd/bundle.py) share it."""
         meta.names = [ref.canonical for _key, ref in refs]
         # Object, meta, refs in that order, crash-safe; a full disk undoes it all (then 507 disk_full).
         meta.names = self.store.publish_entry(tree, meta, refs).names
@@ -624,8 +608,11 @@ class Engine:
 
     def _where_from(self, url: str, result: FetchResult) -> str:
         """upstream or mirror, with "spool+" in front when part of the archive came from a resume spool."""
-        where = "mirror" if self.settings.mirror and self._from_mirror(url) else "upstream"
+        where = self._fetched_from(url)
         return f"spool+{where}" if result.replayed else where
+
+    def _fetched_from(self, url: str) -> FetchedFrom:
+        return "mirror" if self.settings.mirror and self._from_mirror(url) else "upstream"
 
     def _healthy(self, digest: str) -> bool:
         """Whether a published object is present and passes the quick check (a cache hit's test)."""
@@ -705,11 +692,12 @@ class Engine:
             "the upstream file changed or the checksum is wrong; the cached copy (if any) was kept",
         )
 
-    def _quarantine(self, digest: str, problems: list[str]) -> None:
+    def quarantine(self, digest: str, problems: list[str]) -> None:
+        """Set a tree that failed a check aside (a re-fetch replaces it), unlinked from the view, audited."""
         if self.view is not None:
             self.view.unlink_digest(digest)
         if self.store.quarantine(digest, "; ".join(problems)) is not None:
-            self.audit.record("quarantine", None, digest, self._first_name(digest), detail="; ".join(problems))
+            self.audit.record("quarantine", None, digest, self.first_name(digest), detail="; ".join(problems))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -724,7 +712,7 @@ class Engine:
             f"connect to the network and run `hubd pull {source.handle}` (or add it to a prefetch manifest)",
         )
 
-    # -- inspection and maintenance -------------------------------------------------------------------
+    # -- published entries: remembered metas, the API's view of them, names and the upstream check ----------
 
     def _meta(self, digest: str) -> ObjectMeta | None:
         meta = self._meta_cache.recent(digest)
@@ -734,38 +722,23 @@ class Engine:
                 self._meta_cache[digest] = meta
         return meta
 
-    def pin(self, digest: str, name: str, uid: int | None = None) -> None:
-        """Mark an object as wanted by a manifest (`name` says which): eviction never removes it."""
-        if name in self.store.pin_names(digest):
-            return
-        self.store.pin(digest, name)
-        self.audit.record("pin", uid, digest, self._first_name(digest), detail=name)
-
     def claim_aliases(self, source: str, items: Iterable[tuple[str | None, str, str | None]]) -> None:
         """Point the names a manifest (`source`) gives, as (name, handle, sha256), at their models. When another
         manifest gives a name to another model: an `AliasConflict` naming both manifests, and no change."""
         self.catalog.claim(source, claims_of(items, lambda handle: self.parse(handle).canonical))
 
-    def unpin(self, digest: str, uid: int | None = None) -> list[str]:
-        """Drop every pin of an object; returns what pinned it."""
-        names = self.store.pin_names(digest)
-        if names or self.store.is_pinned(digest):
-            self.store.unpin(digest)
-            self.audit.record("unpin", uid, digest, self._first_name(digest), detail="; ".join(names))
-        return names
-
-    def _first_name(self, digest: str) -> str | None:
+    def first_name(self, digest: str) -> str | None:
         meta = self._meta(digest)
         return meta.names[0] if meta is not None and meta.names else None
-
-    def entry_for(self, meta: ObjectMeta) -> Entry:
-        return self._entry(meta)
 
     def forget_meta(self, digest: str) -> None:
         """Drop the remembered meta of an object that was removed (eviction calls it)."""
         self._meta_cache.pop(digest, None)
 
-    def _entry(self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None) -> Entry:
+    def entry_for(
+        self, meta: ObjectMeta, last_used: float | None = None, problems: list[str] | None = None
+    ) -> Entry:
+        """The API's view of a published object (last used from the index unless given)."""
         relpath = object_relpath(meta.digest)  # plain strings: this runs on every cache hit
         path = f"{self.store.root}/{relpath}"
         present = os.path.isdir(path)
@@ -786,136 +759,6 @@ class Engine:
             aliases=self.catalog.aliases_for(meta.names),
         )
 
-    def list_entries(self) -> list[Entry]:
-        return self.list_page()[0]
-
-    def list_page(self, limit: int | None = None, after: str | None = None) -> tuple[list[Entry], str | None]:
-        """Up to `limit` entries (all when None) in id order, after the id `after`, and the cursor of the next
-        page (None after the last). A page costs one listing of meta/ (reused while it is unchanged) and an index
-        look-up per entry on it, never a read of every meta: the first page of 100,000 entries is as quick as
-        the first of 10."""
-        digests = self.store.meta_digests()
-        start = bisect.bisect_right(digests, after) if after else 0
-        end = len(digests) if limit is None else min(len(digests), start + limit)
-        entries = [entry for entry in map(self._listed, digests[start:end]) if entry is not None]
-        return entries, (digests[end - 1] if start < end < len(digests) else None)
-
-    def _listed(self, digest: str) -> Entry | None:
-        summary = self.index.summary(digest)
-        if summary is None:  # a publish whose index update a crash cut off: its meta is the truth
-            meta = self.store.read_meta(digest)
-            return self._entry(meta) if meta is not None else None
-        return self._entry(
-            ObjectMeta(
-                digest,
-                summary["archive_sha256"],
-                summary["size_bytes"],
-                summary["fetched_at"],
-                _NO_MANIFEST,
-                list(summary["names"]),
-            )
-        )
-
-    def counts(self) -> CacheCounts:
-        """Entries, pins, broken entries, bytes and per-user usage for `status`: one listing each of meta/,
-        objects/ and pins/ and one index row (the totals), plus an index look-up per broken entry."""
-        on_disk = self.store.meta_digests()
-        present = self.store.object_digests()
-        totals = self.index.totals()
-        size = totals["size_bytes"]
-        users = {int(uid): (row[0], row[1]) for uid, row in totals["users"].items()}
-        broken = [digest for digest in on_disk if digest not in present]
-        for digest in broken:  # status counts only what is served: broken entries' shares come off the totals
-            summary = self.index.summary(digest)
-            if summary is None:
-                continue
-            size -= summary["size_bytes"]
-            for uid in summary["users"]:
-                entries, size_bytes = users.get(uid, (1, summary["size_bytes"]))
-                users[uid] = (entries - 1, size_bytes - summary["size_bytes"])
-        pinned = self.store.pinned_digests()
-        return CacheCounts(
-            entries=len(on_disk) - len(broken),
-            pinned=sum(1 for digest in pinned if _has(on_disk, digest)),
-            broken=len(broken),
-            size_bytes=size,
-            users={uid: usage for uid, usage in users.items() if usage[0] > 0},
-        )
-
-    def find(self, handle_or_id: str) -> ObjectMeta:
-        """The object a handle or an id (or an unambiguous id prefix) names."""
-        digest: str | None = None
-        alias = self.catalog.alias(handle_or_id)
-        if alias is not None:
-            handle_or_id = alias.handle
-        if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
-            digests = self.store.meta_digests()  # sorted: the ids with this prefix are side by side
-            first = bisect.bisect_left(digests, handle_or_id)
-            matches = set(itertools.takewhile(lambda d: d.startswith(handle_or_id), digests[first : first + 2]))
-            if len(matches) > 1:
-                raise UnknownModel(f"id prefix {handle_or_id!r} is ambiguous", "give more characters of the id")
-            digest = matches.pop() if matches else None
-        else:
-            source = self.parse(handle_or_id)
-            ref = self.store.read_ref(source.ref_key)
-            digest = ref.digest if ref else None
-        meta = self.store.read_meta(digest) if digest else None
-        if meta is None:
-            raise UnknownModel(f"no cached model matches {handle_or_id!r}", "see `hubd ls` for what is cached")
-        return meta
-
-    def remove(self, handle_or_id: str, uid: int | None = None, force: bool = False) -> Entry:
-        """`hubd rm`: a pinned model only with `force` (its pins go first, and are recorded as unpinned)."""
-        meta = self.find(handle_or_id)
-        handle = None if meta.digest.startswith(handle_or_id) else handle_or_id  # an id: its first name instead
-        pins = self.store.pin_names(meta.digest)
-        if pins and not force:
-            why = f"pinned by {'; '.join(pins)}"
-            self.audit.record("delete", uid, meta.digest, handle or _first(meta.names), f"refused: {why}")
-            raise PinnedModel(
-                f"{handle_or_id} (model {meta.digest[:12]}) is {why}",
-                "remove it from that manifest first, or delete it anyway with `hubd rm --force` (a manifest the "
-                "daemon watches fetches it again)",
-            )
-        if pins:
-            self.unpin(meta.digest, uid)
-        return self.remove_digest(meta.digest, uid=uid, handle=handle)
-
-    def remove_digest(
-        self,
-        digest: str,
-        uid: int | None = None,
-        action: Literal["delete", "evict"] = "delete",
-        handle: str | None = None,
-    ) -> Entry:
-        """Delete an object, every ref to it, its pin, its index records and its tensorflow_hub links."""
-        meta = self.store.read_meta(digest)
-        if meta is None:
-            raise UnknownModel(f"no cached model has id {digest}", "see `hubd ls` for what is cached")
-        handle = handle or _first(meta.names)
-        try:
-            entry = self._remove(meta)
-        except Exception as exc:
-            self.audit.record(action, uid, digest, handle, f"failed: {exc}")
-            raise
-        self.audit.record(action, uid, digest, handle, detail=f"{meta.size_bytes} bytes")
-        return entry
-
-    def _remove(self, meta: ObjectMeta) -> Entry:
-        digest = meta.digest
-        entry = self._entry(meta)
-        for ref in self.store.iter_refs():
-            if ref.digest == digest:
-                self.store.remove_ref(_ref_key(ref.canonical))
-                self.index.unbind(ref.canonical)
-        if self.view is not None:
-            self.view.unlink_digest(digest)
-        self.store.remove_object(digest)
-        self.index.forget(digest)
-        self.catalog.forget(digest)
-        self._meta_cache.pop(digest, None)
-        return entry
-
     async def check_upstream(self) -> tuple[str, bool, str]:
         """(url, reachable, detail) of the upstream handles are fetched from: the mirror, else tfhub.dev."""
         url = self.settings.mirror or "https://tfhub.dev"
@@ -927,78 +770,41 @@ class Engine:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return url, False, f"{type(exc).__name__}: {exc}"
 
-    async def gc(self, dry_run: bool = False, max_size: int | None = None) -> GcReport:
-        """Evict to fit `max_size` (default: the quota); always drops orphaned objects and quarantined trees."""
-        quota = max_size if max_size is not None else self.settings.max_size
-        return await asyncio.to_thread(self._gc, quota, dry_run)
+    # -- inspection and maintenance: hubd.inventory and hubd.maintenance ------------------------------------
+    # Thin delegates for the server, the CLI, the watcher and the tests.
 
-    def _gc(self, quota: int | None, dry_run: bool) -> GcReport:
-        """Drop every resume spool no download is using (they count against the quota and the disk; a fetch of
-        the handle then starts from zero), then collect down to the quota less what spools remain."""
-        dropped = trim_spools(self.spool_dir, everything=True, dry_run=dry_run)
-        freed = sum(spool.size for spool in dropped)
-        kept = self.spool_bytes() - (freed if dry_run else 0)
-        report = collect(self, None if quota is None else max(0, quota - kept), dry_run)
-        report.spools_dropped, report.spool_bytes_freed = len(dropped), freed
-        return report
+    def find(self, handle_or_id: str) -> ObjectMeta:
+        return inventory.find(self, handle_or_id)
+
+    def list_entries(self) -> list[Entry]:
+        return inventory.list_page(self)[0]
+
+    def list_page(self, limit: int | None = None, after: str | None = None) -> tuple[list[Entry], str | None]:
+        return inventory.list_page(self, limit, after)
+
+    def counts(self) -> CacheCounts:
+        return inventory.counts(self)
+
+    def pin(self, digest: str, name: str, uid: int | None = None) -> None:
+        maintenance.pin(self, digest, name, uid)
+
+    def unpin(self, digest: str, uid: int | None = None) -> list[str]:
+        return maintenance.unpin(self, digest, uid)
+
+    def remove(self, handle_or_id: str, uid: int | None = None, force: bool = False) -> Entry:
+        return maintenance.remove(self, handle_or_id, uid, force)
 
     async def verify(self, handle_or_id: str | None = None, heal: bool = True) -> list[VerifyReport]:
-        """Re-hash published trees; quarantine what changed; re-fetch it when the network allows."""
-        metas = list(self.store.iter_meta()) if handle_or_id is None else [self.find(handle_or_id)]
-        reports = []
-        for meta in metas:
-            tree = self.store.object_path(meta.digest)
-            problems = await run_in(HASHING, full_problems, tree, meta.manifest)
-            if problems and tree.is_dir():
-                self._quarantine(meta.digest, problems)
-            report = VerifyReport(self._entry(meta, problems=problems), problems)
-            if problems and heal and not self.settings.offline:
-                report.healed = await self._heal(meta)
-            reports.append(report)
-        return reports
+        return await maintenance.verify(self, handle_or_id, heal)
 
-    async def _heal(self, meta: ObjectMeta) -> bool:
-        why = "no handle names it"
-        for ref in self.store.iter_refs():
-            if ref.digest != meta.digest:
-                continue
-            try:
-                entry = await self.resolve(ref.handle)
-            except HubdError as exc:
-                why = exc.message
-                continue
-            if entry.state == "ok":
-                # In line (one small append): the healed entry is already served, and the heal's report follows.
-                self.audit.record("heal", None, meta.digest, ref.handle)
-                return True
-        handle = meta.names[0] if meta.names else None
-        self.audit.record("heal", None, meta.digest, handle, f"failed: {why}")
-        return False
-
-
-@dataclass(frozen=True)
-class CacheCounts:
-    entries: int
-    pinned: int
-    broken: int
-    size_bytes: int
-    users: dict[int, tuple[int, int]]
-    """uid -> (entries, bytes) of the served entries that uid asked for."""
+    async def gc(self, dry_run: bool = False, max_size: int | None = None) -> GcReport:
+        return await maintenance.gc(self, dry_run, max_size)
 
 
 _CREDENTIALS_CHECK = "forget-credentials"
 """The index's record of when refs were last checked for credentials (`Engine._forget_credentials`)."""
 _VIEW_BUILT = "tfhub-view"
 """The index's record of when the tensorflow_hub view was last relinked in full."""
-_NO_MANIFEST = TreeManifest()
-"""Entries listed from index summaries carry no manifest: listing never reads a tree's file list."""
-
-
-def _has(digests: Sequence[str], digest: str) -> bool:
-    """Whether the sorted `digests` hold `digest` (a binary search)."""
-    at = bisect.bisect_left(digests, digest)
-    return at < len(digests) and digests[at] == digest
-
 
 SPOOL_MAX_AGE = 7 * 86400
 """Seconds an interrupted download's spool is kept for a resume."""
@@ -1104,10 +910,6 @@ def _read_mirror_key(path: Path | None) -> bytes | None:
             f"the mirror key in {path} is too short", "use at least 16 random bytes, e.g. `openssl rand -hex 32`"
         )
     return key
-
-
-def _first(names: list[str]) -> str | None:
-    return names[0] if names else None
 
 
 def _ref_key(canonical: str) -> str:

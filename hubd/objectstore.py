@@ -33,23 +33,49 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from hubd_client.handles import Source
 
+from hubd.bundle import (
+    MAX_HEADER_BYTES,
+    Publisher,
+    _EntryExtractor,
+    _next,
+    _read_header,
+    plan_export,
+    write_bundle,
+)
+from hubd.entry import Entry
 from hubd.errors import BadRequest, HubdError, VerificationFailed
 from hubd.eviction import QuotaExceeded, collect, unevictable_bytes
 from hubd.progress import human_bytes
+from hubd.stats import ResolveStats
 from hubd.store import ObjectMeta
 from hubd.tree import TreeManifest
 from hubd.verify import structural_problems
 
-if TYPE_CHECKING:
-    from hubd.engine import Engine, _Flight
-    from hubd.entry import Entry
-
 log = logging.getLogger("hubd.objectstore")
+
+
+class Flight(Protocol):
+    """The fetch an import from the bucket stands in for (the engine's single-flight record)."""
+
+    @property
+    def uid(self) -> int | None: ...
+    def emit(self, phase: str, done: int, total: int | None) -> None: ...
+
+
+class Importer(Publisher, Protocol):
+    """What the object store needs of the engine (hubd.engine.Engine is one; the engine builds the object store,
+    so it is not imported here: no import circle)."""
+
+    @property
+    def stats(self) -> ResolveStats: ...
+    def publish(self, tree: Path, meta: ObjectMeta, handle: str) -> None:
+        """Publish a verified tree under `handle` as a fetch does, refusing a ref that would change silently."""
+
 
 REF_FORMAT = "hubd-objectstore-ref"
 MAX_REF_BYTES = 64 << 10
@@ -187,7 +213,7 @@ class ObjectStore:
 
     # -- before going upstream ------------------------------------------------------------------------
 
-    async def fetch(self, engine: Engine, source: Source, sha256: str | None, flight: _Flight) -> Entry | None:
+    async def fetch(self, engine: Importer, source: Source, sha256: str | None, flight: Flight) -> Entry | None:
         """The handle's model from the bucket, verified and published like a fetch; None: go upstream."""
         started = time.monotonic()
         try:
@@ -228,7 +254,7 @@ class ObjectStore:
         )
         return entry
 
-    async def _import(self, engine: Engine, source: Source, ref: BucketRef, flight: _Flight) -> Entry:
+    async def _import(self, engine: Importer, source: Source, ref: BucketRef, flight: Flight) -> Entry:
         settings = engine.settings
         staging = engine.store.new_staging()
         try:
@@ -242,10 +268,9 @@ class ObjectStore:
                     f"{source.handle} unpacks to {human_bytes(meta.size_bytes)}, more than the quota can hold", ""
                 )
             flight.emit("publish", 0, None)
-            await asyncio.to_thread(engine._publish, staging.tree, meta, source.handle)
+            await asyncio.to_thread(engine.publish, staging.tree, meta, source.handle)
             size = path.stat().st_size
-            engine.stats["bytes_fetched"] += size
-            engine.stats["bytes_from_objectstore"] = engine.stats.get("bytes_from_objectstore", 0) + size
+            engine.stats.fetched("objectstore", size)
         finally:
             await asyncio.to_thread(staging.cleanup)
         await asyncio.to_thread(
@@ -255,10 +280,8 @@ class ObjectStore:
             await asyncio.to_thread(collect, engine, quota, False, frozenset({meta.digest}))
         return engine.entry_for(meta)
 
-    async def _download(self, key: str, path: Path, settings: Any, flight: _Flight) -> None:
+    async def _download(self, key: str, path: Path, settings: Any, flight: Flight) -> None:
         import obstore
-
-        from hubd.bundle import MAX_HEADER_BYTES
 
         limit = settings.max_extract_bytes + MAX_HEADER_BYTES + 2048 * (settings.max_members + 2)
         result = await obstore.get_async(self._store, key)
@@ -277,7 +300,7 @@ class ObjectStore:
 
     # -- after a fetch --------------------------------------------------------------------------------
 
-    def upload_later(self, engine: Engine, meta: ObjectMeta, source: Source) -> None:
+    def upload_later(self, engine: Importer, meta: ObjectMeta, source: Source) -> None:
         """Upload the published model and the handle's ref in the background (once per digest at a time)."""
         if meta.digest in self._uploading:
             return
@@ -287,7 +310,7 @@ class ObjectStore:
         task.add_done_callback(self._uploads.discard)
         task.add_done_callback(lambda _t: self._uploading.discard(meta.digest))
 
-    async def upload(self, engine: Engine, meta: ObjectMeta, source: Source) -> None:
+    async def upload(self, engine: Importer, meta: ObjectMeta, source: Source) -> None:
         key = object_key(meta.digest)
         try:
             if not await self.exists(key):
@@ -336,10 +359,8 @@ class ObjectStore:
                     await task
 
 
-def _write_bundle(engine: Engine, digest: str, path: Path) -> int:
+def _write_bundle(engine: Importer, digest: str, path: Path) -> int:
     """A one-entry bundle of a published model, re-hashed as it is written (see hubd/bundle.py)."""
-    from hubd.bundle import plan_export, write_bundle
-
     header = plan_export(engine, [digest])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -347,10 +368,8 @@ def _write_bundle(engine: Engine, digest: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def _verified_tree(engine: Engine, path: Path, tree: Path, source: Source, ref: BucketRef) -> ObjectMeta:
+def _verified_tree(engine: Importer, path: Path, tree: Path, source: Source, ref: BucketRef) -> ObjectMeta:
     """Unpack the bucket's bundle as `hubd import` does and check it against the ref; the meta to publish."""
-    from hubd.bundle import _EntryExtractor, _next, _read_header
-
     with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
         header = _read_header(archive)
         if len(header.entries) != 1:

@@ -64,30 +64,21 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         stats = self.engine.stats
-        yield _counter("hubd_cache_hits", "Resolves served from the cache.", stats["hits"])
-        yield _counter("hubd_cache_misses", "Resolves that needed a fetch.", stats["misses"])
+        yield _counter("hubd_cache_hits", "Resolves served from the cache.", stats.hits)
+        yield _counter("hubd_cache_misses", "Resolves that needed a fetch.", stats.misses)
         fetched = CounterMetricFamily(
             "hubd_fetched_bytes", "Archive bytes fetched, by where they came from.", labels=["source"]
         )
-        for key in sorted(k for k in stats if k.startswith("bytes_from_")):  # a new source shows up by itself
-            fetched.add_metric([key.removeprefix("bytes_from_")], stats[key])
+        for source, size in sorted(stats.bytes_by_source().items()):  # a new source shows up by itself
+            fetched.add_metric([source], size)
         yield fetched
         yield _counter(
             "hubd_mirror_served_bytes",
             "Archive bytes the LAN mirror listener (--mirror-listen) served to other machines.",
-            stats["bytes_served_mirror"],
+            stats.bytes_served_mirror,
         )
-        entries = self.engine.list_entries()
-        ok = [e for e in entries if e.state == "ok"]
-        yield GaugeMetricFamily("hubd_cache_entries", "Published models in the cache.", value=len(ok))
-        yield GaugeMetricFamily(
-            "hubd_cache_broken_entries",
-            "Models that failed verification and wait for a re-fetch.",
-            value=len(entries) - len(ok),
-        )
-        yield GaugeMetricFamily(
-            "hubd_cache_bytes", "Bytes of published models.", value=sum(e.size_bytes for e in ok)
-        )
+        if self.engine.started:  # before start-up has opened the cache there is nothing to count
+            yield from self._cache_gauges()
         limits = self.connections()
         if limits is not None:
             yield GaugeMetricFamily("hubd_connections_open", "API connections open now.", value=limits.open)
@@ -99,6 +90,17 @@ class _EngineCollector(Collector):
                 "Connections closed for sending their headers too slowly.",
                 limits.timed_out,
             )
+
+    def _cache_gauges(self) -> Iterable[Metric]:
+        """From the index's totals (`Engine.counts`): a scrape costs the same at 10 entries as at 100,000."""
+        counts = self.engine.counts()
+        yield GaugeMetricFamily("hubd_cache_entries", "Published models in the cache.", value=counts.entries)
+        yield GaugeMetricFamily(
+            "hubd_cache_broken_entries",
+            "Models that failed verification and wait for a re-fetch.",
+            value=counts.broken,
+        )
+        yield GaugeMetricFamily("hubd_cache_bytes", "Bytes of published models.", value=counts.size_bytes)
 
     def describe(self) -> Iterable[Metric]:
         return []  # the families depend on the daemon (connections only behind a listener): not known up front

@@ -104,7 +104,7 @@ async def serve_archive(request: web.Request) -> web.StreamResponse:
     try:
         while (chunk := await queue.get()) is not None:
             await response.write(chunk)
-            engine.stats["bytes_served_mirror"] += len(chunk)
+            engine.stats.bytes_served_mirror += len(chunk)
     except (ConnectionResetError, asyncio.CancelledError):
         writer.cancelled.set()  # the packer stops at its next write; drain until it says it has
         while await queue.get() is not None:
