@@ -25,6 +25,8 @@ from hubd.errors import BadRequest, HubdError, UnknownModel
 from hubd.events import DoneEvent, ErrorEvent, ProgressEvent, SummaryEvent
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from hubd.audit import AuditRecord
     from hubd.bundle import BundleEntry, ImportResult
     from hubd.config import Settings
@@ -102,6 +104,16 @@ class Backend(Protocol):
 # -- through the daemon ---------------------------------------------------------------------------------
 
 
+_Answer = TypeVar("_Answer", bound="BaseModel")
+
+
+def _answer(kind: type[_Answer], data: Any) -> _Answer:
+    """A daemon's answer as `kind`, ignoring fields this hubd does not know: a newer daemon may add some, and an
+    older CLI must keep working with it. (The daemon's own models forbid extras, so its OpenAPI document and the
+    requests it accepts stay exact.)"""
+    return kind.model_validate(data, extra="ignore")
+
+
 def _event(data: dict[str, Any]) -> Event:
     kinds: dict[str, type[Event]] = {
         "progress": ProgressEvent,
@@ -112,7 +124,7 @@ def _event(data: dict[str, Any]) -> Event:
     kind = kinds.get(str(data.get("event")))
     if kind is None:
         raise HubdError(f"the daemon sent an event this hubd does not know: {data.get('event')!r}", "upgrade hubd")
-    return kind.model_validate(data)
+    return _answer(kind, data)
 
 
 class DaemonBackend:
@@ -151,7 +163,7 @@ class DaemonBackend:
 
     def models(self, page: int = 1000) -> list[Entry]:
         """Every model, a page of `page` at a time."""
-        return [Entry.model_validate(e) for data in self.client.pages("/v1/models", page) for e in data["models"]]
+        return [_answer(Entry, e) for data in self.client.pages("/v1/models", page) for e in data["models"]]
 
     def _model_id(self, handle: str) -> str:
         """The id the daemon knows a handle, alias or id (prefix) by."""
@@ -171,24 +183,24 @@ class DaemonBackend:
 
     def remove(self, handle: str, force: bool) -> Entry:
         query = "?force=1" if force else ""
-        return Entry.model_validate(self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}{query}"))
+        return _answer(Entry, self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}{query}"))
 
     def unpin(self, handle: str) -> Unpinned:
         from hubd.server.api import Unpinned
 
-        return Unpinned.model_validate(self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}/pin"))
+        return _answer(Unpinned, self.client.json("DELETE", f"/v1/models/{self._model_id(handle)}/pin"))
 
     def verify(self, handle: str | None, heal: bool) -> list[VerifyResult]:
         from hubd.server.api import VerifyResponse
 
         data = self.client.json("POST", "/v1/verify", {"handle": handle, "heal": heal}, long=True)
-        return VerifyResponse.model_validate(data).results
+        return _answer(VerifyResponse, data).results
 
     def gc(self, dry_run: bool, max_size: int | None) -> GcResponse:
         from hubd.server.api import GcResponse
 
         data = self.client.json("POST", "/v1/gc", {"dry_run": dry_run, "max_size": max_size}, long=True)
-        return GcResponse.model_validate(data)
+        return _answer(GcResponse, data)
 
     def status(self, page: int = 1000) -> Status:
         from hubd.server.api import Status
@@ -196,14 +208,14 @@ class DaemonBackend:
         merged: dict[str, Any] = {}
         for data in self.client.pages("/v1/status", page):
             merged = {**data, "users": [*merged.get("users", []), *data.get("users", [])]}
-        return Status.model_validate({**merged, "next_cursor": None})
+        return _answer(Status, {**merged, "next_cursor": None})
 
     def audit(self, query: AuditQuery) -> list[AuditRecord]:
         from hubd.server.api import AuditList
 
         params = {k: v for k in ("since", "until", "uid", "action") if (v := getattr(query, k))}
         params["limit"] = str(query.limit)
-        return AuditList.model_validate(self.client.json("GET", f"/v1/audit?{urlencode(params)}")).records
+        return _answer(AuditList, self.client.json("GET", f"/v1/audit?{urlencode(params)}")).records
 
     def export(self, wanted: list[tuple[str, str | None]], out: IO[bytes], progress: ExportProgress) -> None:
         pins = [sha or "" for _handle, sha in wanted] if any(sha for _handle, sha in wanted) else []
@@ -221,7 +233,7 @@ class DaemonBackend:
 
         for event in self.client.upload("/v1/import", path, "application/x-tar"):
             if event.get("event") == "entry":
-                on(ImportResult.model_validate(event))
+                on(_answer(ImportResult, event))
             elif event.get("event") == "error":
                 raise error_from(event)
 
