@@ -26,7 +26,7 @@ from hubd_client.handles import parse_handle  # noqa: E402
 
 from hubd.config import Settings  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
-from hubd.tree import FileRecord, TreeManifest  # noqa: E402
+from hubd.tree import FileRecord, TreeListing  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 from tests.hosting import HostingServer  # noqa: E402
 
@@ -85,12 +85,12 @@ def fill_store(root: Path, count: int) -> None:
         (tree / "saved_model.pb").write_bytes(payload)
         import hashlib
 
-        manifest = TreeManifest(
+        listing = TreeListing(
             files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())}
         )
         handle = f"https://tfhub.dev/scale/model-{i}/1"
         source = parse_handle(handle)
-        meta = ObjectMeta(manifest.digest(), "0" * 64, len(payload), time.time(), manifest, [source.canonical])
+        meta = ObjectMeta(listing.digest(), "0" * 64, len(payload), time.time(), listing, [source.canonical])
         store.publish(tree, meta)
         store.write_ref(
             source.ref_key, Ref(source.canonical, handle, meta.digest, meta.archive_sha256, time.time())

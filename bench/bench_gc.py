@@ -31,7 +31,7 @@ from hubd.config import Settings  # noqa: E402
 from hubd.engine import Engine  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
 from hubd.tfhub_view import TfhubView  # noqa: E402
-from hubd.tree import FileRecord, TreeManifest  # noqa: E402
+from hubd.tree import FileRecord, TreeListing  # noqa: E402
 
 SIZE = 64
 """Bytes of each entry's one file."""
@@ -44,13 +44,13 @@ def build(root: Path, entries: int) -> None:
     long_ago = time.time() - 86400
     for i in range(entries):
         payload = f"model {i}".encode().ljust(SIZE, b".")
-        manifest = TreeManifest(files={"saved_model.pb": FileRecord(SIZE, hashlib.sha256(payload).hexdigest())})
-        digest = manifest.digest()
+        listing = TreeListing(files={"saved_model.pb": FileRecord(SIZE, hashlib.sha256(payload).hexdigest())})
+        digest = listing.digest()
         tree = store.objects / digest
         tree.mkdir()
         (tree / "saved_model.pb").write_bytes(payload)
         source = parse_handle(f"https://tfhub.dev/bench/model-{i}/1", AnyHost())
-        store.write_meta(ObjectMeta(digest, f"{i:064x}", SIZE, long_ago + i, manifest, [source.canonical]))
+        store.write_meta(ObjectMeta(digest, f"{i:064x}", SIZE, long_ago + i, listing, [source.canonical]))
         ref = Ref(source.canonical, source.handle, digest, f"{i:064x}", long_ago + i)
         store.write_ref(source.ref_key, ref)
         view.link(ref)

@@ -32,7 +32,7 @@ from hubd_client.handles import parse_handle  # noqa: E402
 
 from hubd.config import Settings  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
-from hubd.tree import FileRecord, TreeManifest  # noqa: E402
+from hubd.tree import FileRecord, TreeListing  # noqa: E402
 from tests.daemon import Daemon, call, start_daemon  # noqa: E402
 
 FLOOD = r"""
@@ -86,10 +86,10 @@ def publish(store: Store, handle: str, files: dict[str, bytes | int]) -> str:
                     digest.update(chunk)
                     size += len(chunk)
         records[name] = FileRecord(size, digest.hexdigest())
-    manifest = TreeManifest(files=records)
+    listing = TreeListing(files=records)
     source = parse_handle(handle)
     total = sum(r.size for r in records.values())
-    meta = ObjectMeta(manifest.digest(), "0" * 64, total, time.time(), manifest, [source.canonical])
+    meta = ObjectMeta(listing.digest(), "0" * 64, total, time.time(), listing, [source.canonical])
     ref = Ref(source.canonical, handle, meta.digest, meta.archive_sha256, time.time())
     store.publish_entry(tree, meta, [(source.ref_key, ref)])
     staging.cleanup()

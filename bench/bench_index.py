@@ -30,7 +30,7 @@ sys.path[:0] = [str(REPO), str(REPO / "client")]
 
 from hubd import index as after  # noqa: E402
 from hubd.store import ObjectMeta, Store  # noqa: E402
-from hubd.tree import TreeManifest  # noqa: E402
+from hubd.tree import TreeListing  # noqa: E402
 
 BEFORE = "1058318"
 """The last commit with the scanning index (format 2)."""
@@ -51,7 +51,7 @@ def load_before(commit: str) -> ModuleType:
 
 
 def meta(i: int) -> ObjectMeta:
-    return ObjectMeta(f"{i:064x}", f"{i:064x}", 1000 + i, 1_700_000_000.0 + i, TreeManifest(), [name(i)])
+    return ObjectMeta(f"{i:064x}", f"{i:064x}", 1000 + i, 1_700_000_000.0 + i, TreeListing(), [name(i)])
 
 
 def name(i: int) -> str:

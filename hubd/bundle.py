@@ -40,7 +40,7 @@ from hubd.extract import SafeExtractor
 from hubd.layout import LAYOUT_VERSION
 from hubd.progress import human_bytes
 from hubd.store import ObjectMeta, Ref
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from hubd.verify import quick_problems, structural_problems
 
 FORMAT = "hubd-bundle"
@@ -139,7 +139,7 @@ def plan_export(engine: Publisher, digests: list[str]) -> BundleHeader:
                 archive_sha256=meta.archive_sha256,
                 size_bytes=meta.size_bytes,
                 refs=refs,
-                manifest=meta.manifest.to_json(),
+                manifest=meta.listing.to_json(),
             )
         )
     return BundleHeader(
@@ -175,15 +175,15 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes, mtime: float) -
 
 
 def _write_entry(engine: Publisher, archive: tarfile.TarFile, entry: BundleEntry, mtime: float) -> None:
-    manifest = TreeManifest.from_json(entry.manifest)
+    listing = TreeListing.from_json(entry.manifest)
     prefix = f"objects/{entry.digest}/"
     root = os.open(engine.store.object_path(entry.digest), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        for name in sorted(manifest.all_dirs() - {""}):
+        for name in sorted(listing.all_dirs() - {""}):
             info = tarfile.TarInfo(prefix + name)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
             archive.addfile(info)
-        for name, record in sorted(manifest.files.items()):
+        for name, record in sorted(listing.files.items()):
             with _open_in_tree(root, name) as (parent, base):
                 fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
                 with os.fdopen(fd, "rb", buffering=0) as handle:
@@ -195,7 +195,7 @@ def _write_entry(engine: Publisher, archive: tarfile.TarFile, entry: BundleEntry
                     archive.addfile(info, reader)
                     if reader.hexdigest() != record.sha256 or handle.read(1):
                         raise _broken(entry, f"{name}: content changed (sha256 mismatch)")
-        for name, target in sorted(manifest.symlinks.items()):
+        for name, target in sorted(listing.symlinks.items()):
             with _open_in_tree(root, name) as (parent, base):
                 if os.readlink(base, dir_fd=parent) != target:
                     raise _broken(entry, f"{name}: link changed")
@@ -401,9 +401,9 @@ class _EntryExtractor(SafeExtractor):
             member.linkname = member.linkname[len(prefix) :]
         self._extract_member(archive, member)
 
-    def finish(self) -> TreeManifest:
+    def finish(self) -> TreeListing:
         self._create_links()
-        return self.manifest
+        return self.listing
 
 
 def _publish_checked(
@@ -411,9 +411,9 @@ def _publish_checked(
 ) -> HubdError | None:
     """The entry's last checks (digest, structure, handles, refs, quota), then its publish; the error, if any."""
     try:
-        manifest = extractor.finish()
-        declared = TreeManifest.from_json(entry.manifest).digest()
-        got = manifest.digest()
+        listing = extractor.finish()
+        declared = TreeListing.from_json(entry.manifest).digest()
+        got = listing.digest()
         if got != entry.digest or declared != entry.digest:
             return VerificationFailed(
                 f"{entry.label} does not match its digest (its files hash to {got[:12]}): the bundle is damaged; "
@@ -423,7 +423,7 @@ def _publish_checked(
         problems = structural_problems(tree)
         if problems:
             return VerificationFailed(f"{entry.label} is not a usable SavedModel: {'; '.join(problems)}", "")
-        meta = ObjectMeta(entry.digest, entry.archive_sha256, manifest.total_bytes, time.time(), manifest, [])
+        meta = ObjectMeta(entry.digest, entry.archive_sha256, listing.total_bytes, time.time(), listing, [])
         _publish(engine, tree, meta, entry)
     except HubdError as exc:
         return exc if entry.label in exc.message else _entry_error(entry, exc)
@@ -478,7 +478,7 @@ def _flock(path: Path) -> Iterator[None]:
 def _healthy(engine: Publisher, digest: str) -> bool:
     meta = engine.store.read_meta(digest)
     tree = engine.store.object_path(digest)
-    return meta is not None and tree.is_dir() and not quick_problems(tree, meta.manifest)
+    return meta is not None and tree.is_dir() and not quick_problems(tree, meta.listing)
 
 
 def _result(position: int, total: int, entry: BundleEntry, error: HubdError | None) -> ImportResult:

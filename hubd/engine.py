@@ -321,7 +321,7 @@ class Engine:
         if meta is None:
             return None
         tree = self.store.object_path(ref.digest)
-        problems = quick_problems(tree, meta.manifest)
+        problems = quick_problems(tree, meta.listing)
         if problems:
             if tree.is_dir():
                 self.quarantine(ref.digest, problems)
@@ -482,7 +482,7 @@ class Engine:
                     spool,
                 )
                 result = await download.run()
-                manifest = await sink.finish()
+                listing = await sink.finish()
                 flight.cancellable = False
             except BaseException as exc:
                 spool.close()
@@ -494,7 +494,7 @@ class Engine:
             self.stats.fetches += 1
             self.stats.fetched(self._fetched_from(url), result.size, result.replayed)
             flight.emit("verify", 0, None)
-            archive_sha256 = self._archive_sha256(source, url, result, manifest.digest())
+            archive_sha256 = self._archive_sha256(source, url, result, listing.digest())
             if sha256 and archive_sha256 != sha256:
                 raise self._pin_mismatch(source, result, archive_sha256, sha256)
             problems = structural_problems(staging.tree)
@@ -508,11 +508,11 @@ class Engine:
             if twin:
                 names.append(twin)
             meta = ObjectMeta(
-                digest=manifest.digest(),
+                digest=listing.digest(),
                 archive_sha256=archive_sha256,
-                size_bytes=manifest.total_bytes,
+                size_bytes=listing.total_bytes,
                 fetched_at=time.time(),
-                manifest=manifest,
+                listing=listing,
                 names=names,
             )
             await room.admit(meta.size_bytes)  # every check passed: only now may the quota cost others models
@@ -618,7 +618,7 @@ class Engine:
         """Whether a published object is present and passes the quick check (a cache hit's test)."""
         meta = self._meta(digest)
         tree = self.store.object_path(digest)
-        return meta is not None and tree.is_dir() and not quick_problems(tree, meta.manifest)
+        return meta is not None and tree.is_dir() and not quick_problems(tree, meta.listing)
 
     def _archive_sha256(self, source: Source, url: str, result: FetchResult, tree_digest: str) -> str:
         """The upstream archive's sha256: the bytes hubd hashed itself, unless a trusted mirror vouches otherwise.

@@ -5,7 +5,7 @@ held in memory or stored whole. Each member is checked before anything is writte
 ``..``, no links that leave the model directory (judged against the whole tree, not lexically), no devices,
 FIFOs or sparse files, no control characters or overlong names, no set-id bits, and caps on member count and
 total bytes (the inflate caps that stop gzip bombs are GzipReader's). Every file is hashed while it is
-written; the result is the tree's manifest (hubd/tree.py).
+written; the result is the tree's listing (hubd/tree.py).
 
 `tarfile` parses the headers only. A regular file's data is hashed and written straight from the inflater's
 chunks (`_ChunkReader.take`): no copies through `tarfile`'s stream buffer (which reads 10 KiB at a time and
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Self, cast
 
 from hubd.errors import ArchiveTooLarge, DiskFull, NotAnArchive, UnsafeArchive
-from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeManifest
+from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeListing
 
 __all__ = ["SafeExtractor"]
 
@@ -42,7 +42,7 @@ class SafeExtractor:
 
     Each member costs O(1) bookkeeping (running totals, set look-ups), so a tar of a million empty files costs
     what tar(1) does. Every member passes hubd's own rules first and `tarfile.data_filter` second; links are
-    created last, once the whole tree is known, and only if each resolves inside it (`TreeManifest.link_problems`),
+    created last, once the whole tree is known, and only if each resolves inside it (`TreeListing.link_problems`),
     which is checked again against the real tree on disk.
     """
 
@@ -51,17 +51,17 @@ class SafeExtractor:
         self.max_bytes = max_bytes
         self.max_members = max_members
         self.fsync = fsync
-        self.manifest = TreeManifest()
+        self.listing = TreeListing()
         self._members = 0
         self._bytes = 0
         self._deferred_links: list[tuple[str, str]] = []
         self._dest_str = str(dest)
 
-    def extract_stream(self, stream: io.RawIOBase) -> TreeManifest:
-        """Unpack the tar read from `stream` (inflated bytes); the manifest of what was written."""
+    def extract_stream(self, stream: io.RawIOBase) -> TreeListing:
+        """Unpack the tar read from `stream` (inflated bytes); the listing of what was written."""
         return self.extract_chunks(lambda: stream.read(_WRITE_CHUNK) or b"")
 
-    def extract_chunks(self, read_chunk: Callable[[], bytes]) -> TreeManifest:
+    def extract_chunks(self, read_chunk: Callable[[], bytes]) -> TreeListing:
         """Unpack the tar whose inflated bytes `read_chunk` returns piece by piece (b"" at the end)."""
         source = _ChunkReader(read_chunk)
         try:
@@ -78,7 +78,7 @@ class SafeExtractor:
             raise NotAnArchive(f"the archive is not a valid tar file: {exc}", "fetch it again") from None
         except OSError as exc:
             raise _disk_error(exc) from exc
-        return self.manifest
+        return self.listing
 
     def _extract_member(self, source: _ChunkReader | tarfile.TarFile, member: tarfile.TarInfo) -> None:
         """Check and unpack one member; its data comes from `source` (a `TarFile` for a caller that reads the
@@ -110,30 +110,30 @@ class SafeExtractor:
         elif member.issym():
             self._ensure_dir(posixpath.dirname(name), member.name)
             self._deferred_links.append((name, member.linkname))
-            self.manifest.symlinks[name] = member.linkname
+            self.listing.symlinks[name] = member.linkname
         elif member.islnk():
             target = self._safe_name(member.linkname)
-            if target is None or target not in self.manifest.files:
+            if target is None or target not in self.listing.files:
                 raise UnsafeArchive(
                     f"hard link {member.name!r} points at {member.linkname!r}, which is not a file in the model",
                     _REFUSED,
                 )
             self._ensure_dir(posixpath.dirname(name), member.name)
             os.link(self.dest / target, self.dest / name, follow_symlinks=False)
-            self.manifest.files[name] = self.manifest.files[target]
+            self.listing.files[name] = self.listing.files[target]
         else:
             kind = "device" if member.isdev() else "FIFO" if member.isfifo() else "special file"
             raise UnsafeArchive(f"the archive contains a {kind}: {member.name!r}", _REFUSED)
 
     def _claim(self, name: str, raw: str) -> None:
         """A path is given to one member only: no overwriting, no writing through or over a link."""
-        files, links, dirs = self.manifest.files, self.manifest.symlinks, self.manifest.dirs
+        files, links, dirs = self.listing.files, self.listing.symlinks, self.listing.dirs
         if name in files or name in links or name in dirs:
             raise UnsafeArchive(f"the archive holds {raw!r} twice", _REFUSED)
         self._check_prefixes(name, raw)
 
     def _check_prefixes(self, name: str, raw: str) -> None:
-        links, files = self.manifest.symlinks, self.manifest.files
+        links, files = self.listing.symlinks, self.listing.files
         if not links and "/" not in name:
             return
         parts = name.split("/")
@@ -182,10 +182,10 @@ class SafeExtractor:
             raise UnsafeArchive(f"{name!r} must be a regular file, not a link ({target!r})", _REFUSED)
 
     def _ensure_dir(self, name: str, raw: str) -> None:
-        dirs = self.manifest.dirs
+        dirs = self.listing.dirs
         if not name or name in dirs:
             return
-        if name in self.manifest.files or name in self.manifest.symlinks:
+        if name in self.listing.files or name in self.listing.symlinks:
             raise UnsafeArchive(f"the archive holds {raw!r} twice", _REFUSED)
         self._check_prefixes(name, raw)
         (self.dest / name).mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ class SafeExtractor:
 
     def _create_links(self) -> None:
         """Create the links once the whole tree is known, if each resolves inside it; then check the real tree."""
-        problems = self.manifest.link_problems()
+        problems = self.listing.link_problems()
         if problems:
             raise UnsafeArchive(f"unsafe link: {problems[0]}", _REFUSED)
         for name, target in self._deferred_links:
@@ -226,7 +226,7 @@ class SafeExtractor:
         finally:
             os.close(fd)
         self._bytes += written
-        self.manifest.files[name] = FileRecord(written, digest.hexdigest())
+        self.listing.files[name] = FileRecord(written, digest.hexdigest())
 
 
 # tarfile's header errors are not in its __all__ (nor its stubs), but have been there since Python 3.2.

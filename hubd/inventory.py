@@ -23,7 +23,7 @@ from hubd.errors import UnknownModel
 from hubd.eviction import Cache
 from hubd.server.api import Status, Upstream, UserUsage
 from hubd.store import ObjectMeta
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 
 
 class Cached(Cache, Protocol):
@@ -89,7 +89,7 @@ def _listed(cache: Cached, digest: str) -> Entry | None:
             summary["archive_sha256"],
             summary["size_bytes"],
             summary["fetched_at"],
-            _NO_MANIFEST,
+            _NO_LISTING,
             list(summary["names"]),
         )
     )
@@ -147,8 +147,8 @@ async def cache_status(cache: Cached, limit: int | None = None, offset: int = 0)
     )
 
 
-_NO_MANIFEST = TreeManifest()
-"""Entries listed from index summaries carry no manifest: listing never reads a tree's file list."""
+_NO_LISTING = TreeListing()
+"""Entries listed from index summaries carry no listing: listing never reads a tree's file list."""
 
 
 def _has(digests: Sequence[str], digest: str) -> bool:

@@ -1,7 +1,7 @@
 """The cache's layout version: written in `<root>/layout-version`, checked at start, older layouts migrated.
 
 Version 1 (hubd before the file existed) named objects by an ambiguous digest of ``f <path> <size> <sha256>``
-lines; version 2 names them by `TreeManifest.digest` (a tagged, JSON-encoded record per member). A cache with
+lines; version 2 names them by `TreeListing.digest` (a tagged, JSON-encoded record per member). A cache with
 no version file but with entries is version 1. A newer version than this hubd knows is refused: it would
 misread the cache. An older one is migrated, under an flock, before anything else touches the cache.
 
@@ -93,7 +93,7 @@ def migrate_v1(store: Store) -> Migration:
         meta = store.read_meta(path.stem)
         if meta is None:
             continue
-        old, new = path.stem, meta.manifest.digest()
+        old, new = path.stem, meta.listing.digest()
         if old == new:
             continue  # already migrated (a crash came after this object's meta was rewritten)
         meta.digest = new
@@ -118,7 +118,7 @@ def migrate_v1(store: Store) -> Migration:
         path.unlink(missing_ok=True)
         migration.renamed[old] = new
     for meta in store.iter_meta():
-        problems = meta.manifest.name_problems() + meta.manifest.link_problems()
+        problems = meta.listing.name_problems() + meta.listing.link_problems()
         if problems and store.quarantine(meta.digest, "layout v2: " + "; ".join(problems)) is not None:
             migration.quarantined.append(meta.digest)
     _migrate_derived(store, migration)

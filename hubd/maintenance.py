@@ -153,7 +153,7 @@ async def verify(cache: Maintained, handle_or_id: str | None = None, heal: bool 
     reports = []
     for meta in metas:
         tree = cache.store.object_path(meta.digest)
-        problems = await run_in(HASHING, full_problems, tree, meta.manifest)
+        problems = await run_in(HASHING, full_problems, tree, meta.listing)
         if problems and tree.is_dir():
             cache.quarantine(meta.digest, problems)
         report = VerifyReport(cache.entry_for(meta, problems=problems), problems)

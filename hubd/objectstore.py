@@ -53,7 +53,7 @@ from hubd.eviction import QuotaExceeded, collect, unevictable_bytes
 from hubd.progress import human_bytes
 from hubd.stats import ResolveStats
 from hubd.store import ObjectMeta
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from hubd.verify import structural_problems
 
 log = logging.getLogger("hubd.objectstore")
@@ -387,8 +387,8 @@ def _verified_tree(engine: Importer, path: Path, tree: Path, source: Source, ref
             if not member.name.startswith(prefix):
                 raise Tampered(f"the bucket's object holds {member.name[:200]!r}, outside its tree", "")
             extractor.add(archive, member, prefix)
-        manifest = extractor.finish()
-    got, declared = manifest.digest(), TreeManifest.from_json(entry.manifest).digest()
+        listing = extractor.finish()
+    got, declared = listing.digest(), TreeListing.from_json(entry.manifest).digest()
     if got != ref.digest or declared != ref.digest:
         raise Tampered(
             f"the bucket's object for {source.handle} does not match its digest: its files hash to {got[:12]}, "
@@ -399,5 +399,5 @@ def _verified_tree(engine: Importer, path: Path, tree: Path, source: Source, ref
     if problems:
         raise Tampered(f"the bucket's {source.handle} is not a usable SavedModel: {'; '.join(problems)}", "")
     return ObjectMeta(
-        ref.digest, ref.archive_sha256, manifest.total_bytes, time.time(), manifest, [source.canonical]
+        ref.digest, ref.archive_sha256, listing.total_bytes, time.time(), listing, [source.canonical]
     )

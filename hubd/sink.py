@@ -34,7 +34,7 @@ from hubd.inflate import (
     inflate_cap,
 )
 from hubd.parallel_inflate import ParallelInflate, ParallelInflateFailed, choose_threads
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 
 _QUEUE_CHUNKS = 8
 _EOF = b""
@@ -128,7 +128,7 @@ class StreamingExtraction:
         self._saw_eof = False
         self._stopped = False
         self._slots = asyncio.Semaphore(_QUEUE_CHUNKS)
-        self._done: asyncio.Future[TreeManifest] = self._loop.create_future()
+        self._done: asyncio.Future[TreeListing] = self._loop.create_future()
         self._threads = 0  # set by `expect` before the first chunk: 0 streams
         self.inflated_by = ""
         """What inflated the archive: ISA-L (or zlib) streaming, rapidgzip, or ISA-L after rapidgzip failed."""
@@ -147,24 +147,24 @@ class StreamingExtraction:
 
     def _run(self) -> None:
         try:
-            manifest = self._spool_then_inflate() if self._threads else self._stream()
+            listing = self._spool_then_inflate() if self._threads else self._stream()
         except _Aborted:
             self._loop.call_soon_threadsafe(self._settle, None, None)
         except BaseException as exc:  # handed to the event loop, re-raised by feed()/finish()
             self._loop.call_soon_threadsafe(self._settle, None, exc)
         else:
-            self._loop.call_soon_threadsafe(self._settle, manifest, None)
+            self._loop.call_soon_threadsafe(self._settle, listing, None)
 
-    def _stream(self) -> TreeManifest:
+    def _stream(self) -> TreeListing:
         """Inflate and unpack as the chunks arrive; then take the padding after the tar's end, up to its cap."""
         self.inflated_by = INFLATE_BACKEND
-        manifest = self._extract(GzipReader(self._next_chunk, inflate_cap(self._limits[0]), self._max_ratio))
+        listing = self._extract(GzipReader(self._next_chunk, inflate_cap(self._limits[0]), self._max_ratio))
         trailing = 0
         while not self._saw_eof and trailing <= TRAILING_ALLOWANCE:
             trailing += len(self._next_chunk())
-        return manifest
+        return listing
 
-    def _extract(self, source: Any) -> TreeManifest:
+    def _extract(self, source: Any) -> TreeListing:
         max_bytes, max_members, fsync = self._limits
         reader = ReadAhead(source.read_chunk)
         try:
@@ -172,7 +172,7 @@ class StreamingExtraction:
         finally:
             reader.close()
 
-    def _spool_then_inflate(self) -> TreeManifest:
+    def _spool_then_inflate(self) -> TreeListing:
         """Write every chunk to the spool (refusing a non-gzip start at once), then inflate it on many threads;
         on no clean answer from rapidgzip, inflate the spool again with the streaming reader, which decides."""
         fd = os.open(self._spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -190,10 +190,10 @@ class StreamingExtraction:
         cap = inflate_cap(self._limits[0])
         inflater = ParallelInflate(self._spool, self._threads, cap, self._max_ratio)
         try:
-            manifest = self._extract(inflater)
+            listing = self._extract(inflater)
             inflater.drain()
             self.inflated_by = f"rapidgzip ({self._threads} threads)"
-            return manifest
+            return listing
         except ParallelInflateFailed as exc:
             log.warning("parallel inflate gave no verdict (%s); inflating %s again on one thread", exc, self.dest)
         finally:
@@ -217,12 +217,12 @@ class StreamingExtraction:
         self._loop.call_soon_threadsafe(self._slots.release)
         return chunk
 
-    def _settle(self, manifest: TreeManifest | None, error: BaseException | None) -> None:
+    def _settle(self, listing: TreeListing | None, error: BaseException | None) -> None:
         if not self._done.done():
             if error is not None:
                 self._done.set_exception(error)
-            elif manifest is not None:
-                self._done.set_result(manifest)
+            elif listing is not None:
+                self._done.set_result(listing)
             else:
                 self._done.cancel()
         # Wake a feed() waiting for a slot that will never be freed by the (now finished) thread.
@@ -245,8 +245,8 @@ class StreamingExtraction:
         self._queue.put_nowait(chunk)
         return True
 
-    async def finish(self) -> TreeManifest:
-        """Signal the end of the archive and wait for the extractor's manifest."""
+    async def finish(self) -> TreeListing:
+        """Signal the end of the archive and wait for the extractor's listing."""
         self._queue.put_nowait(_EOF)
         self._begin()
         try:

@@ -6,7 +6,7 @@ which the client's offline reader shares::
     CACHEDIR.TAG            marks the tree as a cache for backup tools
     layout-version          the layout's version (hubd/layout.py): newer is refused, older migrated at start
     objects/<digest>/       published SavedModel trees, read-only, named by their tree digest
-    meta/<digest>.json      per object: tree manifest, archive sha256, size, fetch time, names
+    meta/<digest>.json      per object: tree listing (key "manifest"), archive sha256, size, fetch time, names
     refs/<key>.json         per canonical handle: which object it points at
     pins/<digest>.json      objects a manifest pinned (never evicted), with the names that pinned them
     staging/<token>/        private work dirs, each held by a flock on staging/<token>.lock
@@ -44,7 +44,7 @@ from hubd_client.layout import CacheLayout, is_digest
 from hubd_client.paths import cache_dir_problem, system_uids
 
 from hubd.errors import HubdError
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 
 _CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -88,7 +88,8 @@ class ObjectMeta:
     archive_sha256: str
     size_bytes: int
     fetched_at: float
-    manifest: TreeManifest
+    listing: TreeListing
+    """Its files and links (stored under the JSON key "manifest", the name it had first)."""
     names: list[str]
 
     def to_json(self) -> dict[str, Any]:
@@ -98,7 +99,7 @@ class ObjectMeta:
             "size_bytes": self.size_bytes,
             "fetched_at": self.fetched_at,
             "names": self.names,
-            "manifest": self.manifest.to_json(),
+            "manifest": self.listing.to_json(),
         }
 
     @classmethod
@@ -109,7 +110,7 @@ class ObjectMeta:
             size_bytes=int(data["size_bytes"]),
             fetched_at=float(data["fetched_at"]),
             names=list(data.get("names", [])),
-            manifest=TreeManifest.from_json(data["manifest"]),
+            listing=TreeListing.from_json(data["manifest"]),
         )
 
 
@@ -315,7 +316,7 @@ class Store:
             if self.layout.meta(meta.digest).exists():
                 remove_tree(tree)
                 return False
-            problems = quick_problems(target, meta.manifest)
+            problems = quick_problems(target, meta.listing)
             if not problems:
                 remove_tree(tree)
                 return True  # an orphan a crash left: ours now, so undone with ours
@@ -455,7 +456,7 @@ class Store:
                     return None
                 if not self.layout.meta(digest).exists():
                     meta = self.read_meta_file(staged)
-                    problems = ["no meta was recorded"] if meta is None else quick_problems(target, meta.manifest)
+                    problems = ["no meta was recorded"] if meta is None else quick_problems(target, meta.listing)
                     if problems:
                         self.quarantine(
                             digest, "an interrupted publish left it incomplete: " + "; ".join(problems)

@@ -1,4 +1,4 @@
-"""What an extracted tree holds (`TreeManifest`), its digest, and the rules every published tree obeys.
+"""What an extracted tree holds (`TreeListing`), its digest, and the rules every published tree obeys.
 
 The tree digest (layout version 2) is the sha256 of a version tag and one JSON-encoded record per file and
 symlink, sorted by path. JSON escapes every control character and quote, so a path can never be mistaken for
@@ -33,8 +33,9 @@ class FileRecord:
 
 
 @dataclass
-class TreeManifest:
-    """What an extracted tree holds: files with sizes and digests, symlinks with their targets."""
+class TreeListing:
+    """What an extracted tree holds: files with sizes and digests, symlinks with their targets. (A prefetch
+    manifest, the list of models to fetch, is another thing: hubd.manifest.)"""
 
     files: dict[str, FileRecord] = field(default_factory=dict)
     symlinks: dict[str, str] = field(default_factory=dict)
@@ -134,7 +135,7 @@ class TreeManifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TreeManifest:
+    def from_json(cls, data: dict[str, Any]) -> TreeListing:
         return cls(
             files={p: FileRecord(int(r["size"]), str(r["sha256"])) for p, r in data.get("files", {}).items()},
             symlinks=dict(data.get("symlinks", {})),

@@ -2,7 +2,7 @@
 
 Three depths, cheapest first: `structural_problems` (is this a loadable SavedModel layout at all),
 `quick_problems` (every recorded file present with its recorded size: cheap enough for every cache hit) and
-`full_problems` (every byte re-hashed against the manifest, and nothing added).
+`full_problems` (every byte re-hashed against the listing, and nothing added).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hubd_client.layout import quick_problems as _quick
 
-from hubd.tree import PROTECTED_DIR, PROTECTED_FILES, TreeManifest
+from hubd.tree import PROTECTED_DIR, PROTECTED_FILES, TreeListing
 
 _SHARD = re.compile(r"^variables\.data-(\d{5})-of-(\d{5})$")
 _HASH_CHUNK = 1 << 20
@@ -53,10 +53,10 @@ def structural_problems(tree: Path) -> list[str]:
     return problems
 
 
-def quick_problems(tree: Path, manifest: TreeManifest) -> list[str]:
+def quick_problems(tree: Path, listing: TreeListing) -> list[str]:
     """Every recorded file exists with its recorded size; every recorded link still points where it did (the
     check the client's offline reader runs too: one implementation, in hubd_client.layout)."""
-    return _quick(tree, ((n, r.size) for n, r in manifest.files.items()), manifest.symlinks)
+    return _quick(tree, ((n, r.size) for n, r in listing.files.items()), listing.symlinks)
 
 
 def _link_problems(tree: Path) -> list[str]:
@@ -76,19 +76,19 @@ def _link_problems(tree: Path) -> list[str]:
     return problems
 
 
-def full_problems(tree: Path, manifest: TreeManifest) -> list[str]:
+def full_problems(tree: Path, listing: TreeListing) -> list[str]:
     """`quick_problems`, plus every file's sha256 re-computed, plus anything added since publishing."""
-    problems = quick_problems(tree, manifest)
+    problems = quick_problems(tree, listing)
     if not tree.is_dir():
         return problems
-    problems += manifest.name_problems() + manifest.link_problems() + _link_problems(tree)
+    problems += listing.name_problems() + listing.link_problems() + _link_problems(tree)
     broken = {p.split(":", 1)[0] for p in problems}
-    for name, record in manifest.files.items():
+    for name, record in listing.files.items():
         if name in broken:
             continue
         if _sha256_file(tree / name) != record.sha256:
             problems.append(f"{name}: content changed (sha256 mismatch)")
-    known = set(manifest.files) | set(manifest.symlinks) | manifest.all_dirs()  # sets: O(1) per path
+    known = set(listing.files) | set(listing.symlinks) | listing.all_dirs()  # sets: O(1) per path
     for dirpath, dirnames, filenames in os.walk(tree):
         rel_dir = os.path.relpath(dirpath, tree)
         for name in [*filenames, *dirnames]:

@@ -259,7 +259,7 @@ class CacheWatch:
         for digest in batch:
             meta = store.read_meta(digest)
             tree = store.objects / digest
-            if meta is not None and tree.is_dir() and quick_problems(tree, meta.manifest):
+            if meta is not None and tree.is_dir() and quick_problems(tree, meta.listing):
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self.on_change, digest)
         end = start + SCRUB_BATCH

@@ -21,7 +21,7 @@ from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import NotCached, VerificationFailed
 from hubd.store import Store
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from hubd.verify import full_problems
 from tests.conftest import Upstream, cli_env, run
 from tests.daemon import start_daemon
@@ -135,17 +135,17 @@ def test_bundle_carries_models_from_one_daemon_to_another_without_network(
         for handle, model_id in zip(handles, ids, strict=True):
             entry = target.request("POST", "/v1/resolve", {"handle": handle}).json()
             assert entry["id"] == model_id and entry["state"] == "ok"
-            assert not full_problems(Path(entry["path"]), _manifest(airgapped, model_id))
+            assert not full_problems(Path(entry["path"]), _listing(airgapped, model_id))
         trail = target.request("GET", "/v1/audit?action=import").json()["records"]
         assert [(r["model_id"], r["outcome"], r["uid"]) for r in trail] == [(i, "ok", os.getuid()) for i in ids]
     finally:
         target.stop()
 
 
-def _manifest(settings: Settings, model_id: str) -> TreeManifest:
+def _listing(settings: Settings, model_id: str) -> TreeListing:
     meta = Store(settings.cache_dir).read_meta(model_id)
     assert meta is not None
-    return meta.manifest
+    return meta.listing
 
 
 def test_a_flipped_byte_refuses_that_entry_and_keeps_the_one_before(
@@ -178,7 +178,7 @@ def test_a_flipped_byte_refuses_that_entry_and_keeps_the_one_before(
         await engine.start()
         try:
             entry = await engine.resolve(handles[0])
-            assert entry.id == ids[0] and not full_problems(Path(entry.path), _manifest(airgapped, ids[0]))
+            assert entry.id == ids[0] and not full_problems(Path(entry.path), _listing(airgapped, ids[0]))
             with pytest.raises(NotCached):
                 await engine.resolve(handles[1])
             assert not (airgapped.cache_dir / "objects" / ids[1]).exists()

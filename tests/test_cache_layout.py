@@ -24,7 +24,7 @@ from hubd.inflate import GzipReader
 from hubd.layout import LAYOUT_VERSION, VERSION_FILE
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 from tests import hostile
 from tests.conftest import Upstream
 from tests.daemon import start_daemon
@@ -41,17 +41,17 @@ def write_v1_entry(root: Path, archive: bytes, handle: str, pin: bool = False) -
     tree = root / "staging" / f"tree-{len(list((root / 'meta').iterdir()))}"
     tree.mkdir()
     chunks = iter([archive])
-    manifest = SafeExtractor(tree, 2**30, 10_000, fsync=False).extract_stream(
+    listing = SafeExtractor(tree, 2**30, 10_000, fsync=False).extract_stream(
         GzipReader(lambda: next(chunks, b""), 2**31)
     )
-    return publish_v1(store, tree, manifest, archive, handle, pin)
+    return publish_v1(store, tree, listing, archive, handle, pin)
 
 
 def publish_v1(
-    store: Store, tree: Path, manifest: TreeManifest, archive: bytes, handle: str, pin: bool = False
+    store: Store, tree: Path, listing: TreeListing, archive: bytes, handle: str, pin: bool = False
 ) -> tuple[str, str]:
-    old = manifest.legacy_digest()
-    meta = ObjectMeta(old, hashlib.sha256(archive).hexdigest(), manifest.total_bytes, time.time(), manifest, [])
+    old = listing.legacy_digest()
+    meta = ObjectMeta(old, hashlib.sha256(archive).hexdigest(), listing.total_bytes, time.time(), listing, [])
     source = parse_handle(handle, AnyHost())
     meta.names = [source.canonical]
     store.publish(tree, meta)
@@ -64,7 +64,7 @@ def publish_v1(
     index.rebuild()
     index._cache.set("used:" + old, USED_AT)
     index.close()
-    return old, manifest.digest()
+    return old, listing.digest()
 
 
 def test_an_old_cache_migrates_at_start_and_its_entries_still_resolve(
@@ -140,12 +140,12 @@ def test_an_old_object_that_breaks_the_new_rules_is_quarantined_not_migrated(tmp
     (tree / "saved_model.pb").write_bytes(b"\x08\x01graph")
     os.symlink("..", tree / "d" / "l")
     os.symlink(hostile.chain_escape_target(), tree / "assets.txt")
-    manifest = TreeManifest(
+    listing = TreeListing(
         files={"saved_model.pb": FileRecord(7, hashlib.sha256(b"\x08\x01graph").hexdigest())},
         symlinks={"d/l": "..", "assets.txt": hostile.chain_escape_target()},
         dirs={"d"},
     )
-    _old, new = publish_v1(store, tree, manifest, b"evil", "https://tfhub.dev/mallory/evil/1")
+    _old, new = publish_v1(store, tree, listing, b"evil", "https://tfhub.dev/mallory/evil/1")
 
     store.ensure_layout()
 

@@ -16,13 +16,13 @@ import pytest
 from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
 from hubd.extract import SafeExtractor
 from hubd.inflate import INFLATE_BACKEND, MAX_INFLATE_RATIO, TRAILING_ALLOWANCE, GzipReader
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from tests import hostile
 
 
 def extract(
     archive: bytes, dest: Path, max_bytes: int = 2**30, max_members: int = 10_000, first_chunk: int = 4096
-) -> TreeManifest:
+) -> TreeListing:
     cuts = [0, *range(first_chunk, len(archive), 4096), len(archive)]
     chunks: Iterator[bytes] = iter([archive[a:b] for a, b in itertools.pairwise(cuts)])
     reader = GzipReader(lambda: next(chunks, b""), max_bytes * 2)
@@ -40,11 +40,11 @@ def test_isal_is_the_inflate_backend_when_installed() -> None:
 def test_a_real_model_archive_extracts_with_a_manifest(tmp_path: Path, models: dict[str, bytes]) -> None:
     dest = tmp_path / "tree"
     dest.mkdir()
-    manifest = extract(models["reusable"], dest)
-    assert "saved_model.pb" in manifest.files
-    assert "variables/variables.index" in manifest.files
-    assert manifest.files["saved_model.pb"].size == (dest / "saved_model.pb").stat().st_size
-    assert len(manifest.digest()) == 64
+    listing = extract(models["reusable"], dest)
+    assert "saved_model.pb" in listing.files
+    assert "variables/variables.index" in listing.files
+    assert listing.files["saved_model.pb"].size == (dest / "saved_model.pb").stat().st_size
+    assert len(listing.digest()) == 64
 
 
 def test_tree_digest_depends_on_content_not_on_compression(tmp_path: Path, models: dict[str, bytes]) -> None:
@@ -154,8 +154,8 @@ def test_links_that_stay_inside_are_kept(tmp_path: Path) -> None:
         ]
     )
     (tmp_path / "tree").mkdir()
-    manifest = extract(archive, tmp_path / "tree")
-    assert manifest.symlinks == {"assets/alias.txt": "vocab.txt", "missing/dir/vocab": "../../assets/vocab.txt"}
+    listing = extract(archive, tmp_path / "tree")
+    assert listing.symlinks == {"assets/alias.txt": "vocab.txt", "missing/dir/vocab": "../../assets/vocab.txt"}
     assert (tmp_path / "tree" / "missing" / "dir" / "vocab").read_bytes() == b"a\nb\n"
 
 
@@ -163,8 +163,8 @@ def test_a_valid_archive_whose_first_read_is_one_byte_is_an_archive(
     tmp_path: Path, models: dict[str, bytes]
 ) -> None:
     (tmp_path / "tree").mkdir()
-    manifest = extract(models["reusable"], tmp_path / "tree", first_chunk=1)
-    assert "saved_model.pb" in manifest.files
+    listing = extract(models["reusable"], tmp_path / "tree", first_chunk=1)
+    assert "saved_model.pb" in listing.files
 
 
 def test_gzip_bomb_is_stopped_by_the_inflate_ratio_below_the_absolute_cap(tmp_path: Path) -> None:
@@ -180,8 +180,8 @@ def test_gzip_bomb_is_stopped_by_the_inflate_ratio_below_the_absolute_cap(tmp_pa
 def test_many_empty_members_extract_correctly(tmp_path: Path) -> None:
     """Per-member work is O(1) (bench/bench_members.py times it against tar -xzf); this checks the result."""
     (tmp_path / "tree").mkdir()
-    manifest = extract(hostile.tar_bomb(20_000), tmp_path / "tree", max_members=30_000)
-    assert len(manifest.files) == 20_001
+    listing = extract(hostile.tar_bomb(20_000), tmp_path / "tree", max_members=30_000)
+    assert len(listing.files) == 20_001
     assert sum(1 for _ in (tmp_path / "tree").iterdir()) == 20_001
 
 
@@ -255,7 +255,7 @@ def _reader(chunks: list[bytes], max_bytes: int = 2**31) -> GzipReader:
     return GzipReader(lambda: next(pieces, b""), max_bytes)
 
 
-def _extract_chunks(chunks: list[bytes], dest: Path) -> TreeManifest:
+def _extract_chunks(chunks: list[bytes], dest: Path) -> TreeListing:
     dest.mkdir()
     return SafeExtractor(dest, 2**30, 10_000, fsync=False).extract_stream(_reader(chunks))
 
@@ -264,8 +264,8 @@ def _split(blob: bytes, *cuts: int) -> list[bytes]:
     return [blob[a:b] for a, b in itertools.pairwise([0, *cuts, len(blob)])]
 
 
-def _assert_whole_tree(manifest: TreeManifest, dest: Path) -> None:
-    assert set(manifest.files) == set(_TREE)
+def _assert_whole_tree(listing: TreeListing, dest: Path) -> None:
+    assert set(listing.files) == set(_TREE)
     assert {name: (dest / name).read_bytes() for name in _TREE} == _TREE
 
 

@@ -45,7 +45,7 @@ def assert_cache_sound(cache: Path) -> int:
     for meta in store.iter_meta():
         tree = store.object_path(meta.digest)
         if tree.is_dir():
-            assert full_problems(tree, meta.manifest) == [], meta.digest
+            assert full_problems(tree, meta.listing) == [], meta.digest
             count += 1
     assert [p for p in (cache / "staging").iterdir() if not p.name.endswith(".lock")] == []
     return count
@@ -132,7 +132,7 @@ def test_sigkill_at_random_points_loses_nothing_and_leaves_nothing_partial(
             visible[published > objects_before] += 1
             recovered = daemon.request("POST", "/v1/resolve", {"handle": tfhub(path)})  # and it heals itself
             assert recovered.status == 200 and not full_problems(
-                Path(recovered.json()["path"]), _manifest(settings, recovered.json()["id"])
+                Path(recovered.json()["path"]), _listing(settings, recovered.json()["id"])
             )
             objects_before = assert_cache_sound(settings.cache_dir)
     finally:
@@ -144,12 +144,12 @@ def test_sigkill_at_random_points_loses_nothing_and_leaves_nothing_partial(
     assert sum(killed_at.values()) == 20
 
 
-def _manifest(settings: Settings, digest: str) -> Any:
+def _listing(settings: Settings, digest: str) -> Any:
     from hubd.store import Store
 
     meta = Store(settings.cache_dir, fsync=False).read_meta(digest)
     assert meta is not None
-    return meta.manifest
+    return meta.listing
 
 
 def _with_extra_file(archive: bytes, name: str) -> bytes:
@@ -193,7 +193,7 @@ async def main():
     staging = [p.name for p in engine.store.staging.iterdir()]
     again = await engine.resolve("https://tfhub.dev/" + sys.argv[5])
     print(json.dumps({"outcome": outcome, "small_problems": full_problems(engine.store.object_path(small.id),
-          meta.manifest), "staging": staging, "same_path": again.path == small.path}))
+          meta.listing), "staging": staging, "same_path": again.path == small.path}))
     await engine.close()
 
 asyncio.run(main())

@@ -20,7 +20,7 @@ from hubd import parallel_inflate
 from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
 from hubd.parallel_inflate import AUTO_MIN_CORES, MIN_PARALLEL_BYTES, choose_threads
 from hubd.sink import StreamingExtraction
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from tests import hostile
 
 pytestmark = pytest.mark.skipif(not parallel_inflate.available(), reason="rapidgzip is not installed")
@@ -42,13 +42,13 @@ def archive(files: dict[str, bytes]) -> bytes:
     return gzip.compress(raw.getvalue(), compresslevel=1)
 
 
-async def feed_all(dest: Path, data: bytes, threads: str, max_bytes: int = 2**30) -> TreeManifest:
+async def feed_all(dest: Path, data: bytes, threads: str, max_bytes: int = 2**30) -> TreeListing:
     return (await feed_to_sink(dest, data, threads, max_bytes))[0]
 
 
 async def feed_to_sink(
     dest: Path, data: bytes, threads: str, max_bytes: int = 2**30
-) -> tuple[TreeManifest, StreamingExtraction]:
+) -> tuple[TreeListing, StreamingExtraction]:
     sink = StreamingExtraction(dest, max_bytes=max_bytes, max_members=1000, fsync=False, inflate_threads=threads)
     sink.expect(len(data))
     try:
@@ -62,7 +62,7 @@ async def feed_to_sink(
 
 
 def both(tmp_path: Path, data: bytes, max_bytes: int = 2**30) -> tuple[object, object]:
-    """The outcome (manifest digest, or error class) of the streaming and the parallel path."""
+    """The outcome (listing digest, or error class) of the streaming and the parallel path."""
     outcomes: list[object] = []
     for threads in ("0", "2"):
         try:
@@ -73,10 +73,10 @@ def both(tmp_path: Path, data: bytes, max_bytes: int = 2**30) -> tuple[object, o
 
 
 def test_the_parallel_path_unpacks_the_same_tree(tmp_path: Path) -> None:
-    manifest = asyncio.run(feed_all(tmp_path / "tree", archive(FILES), "2"))
+    listing = asyncio.run(feed_all(tmp_path / "tree", archive(FILES), "2"))
     for name, data in FILES.items():
         assert (tmp_path / "tree" / name).read_bytes() == data
-        assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
+        assert listing.files[name].sha256 == hashlib.sha256(data).hexdigest()
     assert not (tmp_path / "tree.tar.gz").exists()  # the spool is gone once the tree is out
 
 
@@ -84,9 +84,9 @@ def test_rapidgzip_itself_answers_not_the_streaming_fallback(tmp_path: Path) -> 
     """The child's memory cap leaves room for what rapidgzip reserves (an address-space cap once killed every
     run past 16 MiB, and every parallel fetch silently fell back to one thread)."""
     files = {**FILES, "variables/variables.data-00000-of-00001": os.urandom(24 << 20)}
-    manifest, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(files), "2"))
+    listing, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(files), "2"))
     assert sink.inflated_by == "rapidgzip (2 threads)"
-    assert manifest.files["variables/variables.data-00000-of-00001"].size == 24 << 20
+    assert listing.files["variables/variables.data-00000-of-00001"].size == 24 << 20
 
 
 def test_a_child_past_its_memory_cap_is_killed_and_the_streaming_path_decides(
@@ -94,11 +94,11 @@ def test_a_child_past_its_memory_cap_is_killed_and_the_streaming_path_decides(
 ) -> None:
     monkeypatch.setattr(parallel_inflate, "_CHILD_RESIDENT", 1 << 20)  # below what any Python process holds
     monkeypatch.setattr(parallel_inflate, "_PER_THREAD_RESIDENT", 0)
-    manifest, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(FILES), "2"))
+    listing, sink = asyncio.run(feed_to_sink(tmp_path / "tree", archive(FILES), "2"))
     assert sink.inflated_by.endswith("(after rapidgzip gave no verdict)")
     assert "past its memory cap" in caplog.text
     for name, data in FILES.items():
-        assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
+        assert listing.files[name].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_one_thread_and_two_agree(tmp_path: Path) -> None:

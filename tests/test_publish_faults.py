@@ -17,7 +17,7 @@ import pytest
 
 from hubd.config import Settings
 from hubd.store import ObjectMeta, Ref, Store
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 from hubd.verify import full_problems
 from tests.conftest import Upstream
 from tests.daemon import Daemon, start_daemon
@@ -39,7 +39,7 @@ def assert_cache_consistent(cache: Path) -> int:
     assert objects == set(metas), (objects, set(metas))
     refs = {ref.canonical: ref.digest for ref in store.iter_refs()}
     for digest, meta in metas.items():
-        assert full_problems(store.object_path(digest), meta.manifest) == [], digest
+        assert full_problems(store.object_path(digest), meta.listing) == [], digest
         assert meta.names and all(refs.get(name) == digest for name in meta.names), (meta.names, refs)
     assert set(refs.values()) <= objects, refs
     assert list(store.pending.iterdir()) == []
@@ -185,10 +185,8 @@ def test_concurrent_publishers_of_one_object_keep_every_name(tmp_path: Path) -> 
     store = Store(tmp_path / "cache", fsync=False)
     store.ensure_layout()
     payload = b"graph"
-    manifest = TreeManifest(
-        files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())}
-    )
-    digest = manifest.digest()
+    listing = TreeListing(files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())})
+    digest = listing.digest()
     barrier = threading.Barrier(8)
     failures: list[BaseException] = []
 
@@ -198,7 +196,7 @@ def test_concurrent_publishers_of_one_object_keep_every_name(tmp_path: Path) -> 
             staging.tree.mkdir()
             (staging.tree / "saved_model.pb").write_bytes(payload)
             name = f"tfhub.dev/race/model-{n}/1"
-            meta = ObjectMeta(digest, "0" * 64, len(payload), float(n), manifest, [name])
+            meta = ObjectMeta(digest, "0" * 64, len(payload), float(n), listing, [name])
             ref = Ref(name, f"https://{name}", digest, "0" * 64, 0.0)
             barrier.wait()
             store.publish_entry(staging.tree, meta, [(f"{n:032x}", ref)])
@@ -223,17 +221,17 @@ CRASHING_PUBLISHER = """
 import hashlib, sys
 from pathlib import Path
 from hubd.store import ObjectMeta, Ref, Store
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 
 store = Store(Path(sys.argv[1]), fsync=False)
 store.ensure_layout()
 payload = b"graph"
-manifest = TreeManifest(files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())})
+listing = TreeListing(files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())})
 staging = store.new_staging()
 staging.tree.mkdir()
 (staging.tree / "saved_model.pb").write_bytes(payload)
 name = "tfhub.dev/crashed/model/1"
-meta = ObjectMeta(manifest.digest(), "0" * 64, len(payload), 0.0, manifest, [name])
+meta = ObjectMeta(listing.digest(), "0" * 64, len(payload), 0.0, listing, [name])
 try:
     store.publish_entry(staging.tree, meta, [("0" * 32, Ref(name, "https://" + name, meta.digest, "0" * 64, 0.0))])
 except OSError as exc:

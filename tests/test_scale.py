@@ -16,7 +16,7 @@ from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.config import Settings
 from hubd.store import ObjectMeta, Ref, Store
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon, start_daemon
 
@@ -34,14 +34,14 @@ def write_entries(root: Path, count: int, users: dict[int, range] | None = None,
     digests = []
     for i in range(count):
         payload = f"model {i}".encode().ljust(size, b".")
-        manifest = TreeManifest(files={"saved_model.pb": FileRecord(size, hashlib.sha256(payload).hexdigest())})
-        digest = manifest.digest()
+        listing = TreeListing(files={"saved_model.pb": FileRecord(size, hashlib.sha256(payload).hexdigest())})
+        digest = listing.digest()
         tree = store.objects / digest
         tree.mkdir()
         (tree / "saved_model.pb").write_bytes(payload)
         tree.chmod(0o555)
         source = parse_handle(f"https://tfhub.dev/scale/model-{i}/1", AnyHost())
-        store.write_meta(ObjectMeta(digest, f"{i:064x}", size, 1_700_000_000.0 + i, manifest, [source.canonical]))
+        store.write_meta(ObjectMeta(digest, f"{i:064x}", size, 1_700_000_000.0 + i, listing, [source.canonical]))
         store.write_ref(source.ref_key, Ref(source.canonical, source.handle, digest, f"{i:064x}", 1_700_000_000.0))
         digests.append(digest)
     if users:

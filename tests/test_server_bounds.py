@@ -560,9 +560,9 @@ def test_a_huge_meta_is_read_off_the_event_loop(settings: Settings, upstream: Up
 def test_the_meta_cache_keeps_the_1024_most_recently_used() -> None:
     from hubd.engine import _MetaCache
     from hubd.store import ObjectMeta
-    from hubd.tree import TreeManifest
+    from hubd.tree import TreeListing
 
-    metas = [ObjectMeta(f"{i:064x}", "", 0, 0.0, TreeManifest(), []) for i in range(2000)]
+    metas = [ObjectMeta(f"{i:064x}", "", 0, 0.0, TreeListing(), []) for i in range(2000)]
     cache = _MetaCache()
     for i, meta in enumerate(metas):
         cache[f"d{i}"] = meta

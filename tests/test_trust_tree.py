@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hubd.config import Settings
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 from tests import hostile
 from tests.conftest import Upstream
 from tests.daemon import Daemon, start_daemon
@@ -102,15 +102,15 @@ def attack(attacker: LocalUser, daemon: Daemon, handle: str) -> dict[str, object
     return reply
 
 
-def tree_digest(archive: bytes) -> TreeManifest:
-    """The manifest a correct extraction of `archive` records (regular files only)."""
+def tree_digest(archive: bytes) -> TreeListing:
+    """The listing a correct extraction of `archive` records (regular files only)."""
     files = {}
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(archive))) as tar:
         for member in tar:
             if member.isreg():
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 files[member.name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
-    return TreeManifest(files=files)
+    return TreeListing(files=files)
 
 
 def assert_no_link_leaves(root: Path) -> None:
@@ -169,7 +169,7 @@ def test_forged_twin_of_a_public_model_cannot_take_its_digest(
 ) -> None:
     real_archive, files = victim_model()
     forged = forged_twin(files)
-    real = TreeManifest(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
+    real = TreeListing(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
     assert tree_digest(forged).legacy_digest() == real.legacy_digest()  # a true collision under version 1
     assert tree_digest(forged).digest() != real.digest()  # and none under version 2
 
@@ -195,12 +195,12 @@ def test_forged_twin_of_a_public_model_cannot_take_its_digest(
 def test_version_2_digest_separates_records_that_version_1_ran_together() -> None:
     _archive, files = victim_model()
     forged = tree_digest(forged_twin(files))
-    real = TreeManifest(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
+    real = TreeListing(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
     assert forged.legacy_digest() == real.legacy_digest()
     assert forged.digest() != real.digest()
-    spaced = TreeManifest(files={"a b": FileRecord(1, "0" * 64)})
-    split = TreeManifest(files={"a": FileRecord(1, "0" * 64)}, symlinks={"b": "x"})
-    assert len({spaced.digest(), split.digest(), TreeManifest().digest()}) == 3
+    spaced = TreeListing(files={"a b": FileRecord(1, "0" * 64)})
+    split = TreeListing(files={"a": FileRecord(1, "0" * 64)}, symlinks={"b": "x"})
+    assert len({spaced.digest(), split.digest(), TreeListing().digest()}) == 3
     assert forged.name_problems() and not real.name_problems()
 
 
@@ -213,7 +213,7 @@ def test_verify_rechecks_links_against_the_real_tree(tmp_path: Path) -> None:
     (tree / "saved_model.pb").write_bytes(b"\x08\x01graph")
     (tree / "d" / "passwd").write_bytes(b"x")
     os.symlink("d/passwd", tree / "alias")
-    manifest = TreeManifest(
+    listing = TreeListing(
         files={
             "saved_model.pb": FileRecord(7, hashlib.sha256(b"\x08\x01graph").hexdigest()),
             "d/passwd": FileRecord(1, hashlib.sha256(b"x").hexdigest()),
@@ -221,10 +221,10 @@ def test_verify_rechecks_links_against_the_real_tree(tmp_path: Path) -> None:
         symlinks={"alias": "d/passwd"},
         dirs={"d"},
     )
-    assert quick_problems(tree, manifest) == [] and full_problems(tree, manifest) == []
+    assert quick_problems(tree, listing) == [] and full_problems(tree, listing) == []
     os.rename(tree / "d", tree / "d.moved")
     os.symlink("/etc", tree / "d")
-    assert "alias: link resolves outside the model" in quick_problems(tree, manifest)
+    assert "alias: link resolves outside the model" in quick_problems(tree, listing)
 
 
 def test_full_verify_finds_a_file_added_deep_in_a_large_tree(tmp_path: Path) -> None:
@@ -232,14 +232,14 @@ def test_full_verify_finds_a_file_added_deep_in_a_large_tree(tmp_path: Path) -> 
 
     tree = tmp_path / "tree"
     files = {"saved_model.pb": b"\x08\x01graph", **{f"assets/a/b/f{i}": b"" for i in range(5000)}}
-    manifest = TreeManifest(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
+    listing = TreeListing(files={p: FileRecord(len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()})
     for name, data in files.items():
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / name).write_bytes(data)
-    assert full_problems(tree, manifest) == []
+    assert full_problems(tree, listing) == []
     (tree / "assets" / "a" / "c").mkdir()
     (tree / "assets" / "a" / "c" / "new").write_bytes(b"!")
-    assert full_problems(tree, manifest) == [
+    assert full_problems(tree, listing) == [
         "assets/a/c: added after publishing",
         "assets/a/c/new: added after publishing",
     ]

@@ -14,7 +14,7 @@ import pytest
 
 from hubd.index import INDEX_FORMAT, Index
 from hubd.store import ObjectMeta, Ref, Store
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 
 
 def published(store: Store, n: int, *names: str) -> ObjectMeta:
@@ -23,10 +23,10 @@ def published(store: Store, n: int, *names: str) -> ObjectMeta:
     data = f"graph {n}".encode()
     staging.tree.mkdir()
     (staging.tree / "saved_model.pb").write_bytes(data)
-    manifest = TreeManifest(files={"saved_model.pb": FileRecord(len(data), hashlib.sha256(data).hexdigest())})
-    digest = manifest.digest()
+    listing = TreeListing(files={"saved_model.pb": FileRecord(len(data), hashlib.sha256(data).hexdigest())})
+    digest = listing.digest()
     meta = ObjectMeta(
-        digest, hashlib.sha256(data).hexdigest(), len(data), 1_700_000_000.0 + n, manifest, list(names)
+        digest, hashlib.sha256(data).hexdigest(), len(data), 1_700_000_000.0 + n, listing, list(names)
     )
     refs = [
         (_ref_key(name), Ref(name, f"https://{name}", digest, meta.archive_sha256, meta.fetched_at))

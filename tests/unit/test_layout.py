@@ -17,9 +17,9 @@ HANDLE = "https://tfhub.dev/google/model/1"
 def publish_v1(store: Store, files: dict[str, bytes] | None = None, handle: str = HANDLE) -> ObjectMeta:
     """An entry as hubd wrote it before layout versions: the object named by the version 1 digest."""
     staging = store.new_staging()
-    manifest = write_tree(staging.tree, files)
+    listing = write_tree(staging.tree, files)
     source = parse_handle(handle, AnyHost())
-    meta = dataclasses.replace(meta_of(manifest, source.canonical), digest=manifest.legacy_digest())
+    meta = dataclasses.replace(meta_of(listing, source.canonical), digest=listing.legacy_digest())
     store.publish(staging.tree, meta)
     staging.cleanup()
     store.write_ref(source.ref_key, ref_to(meta, source.canonical, handle))
@@ -65,7 +65,7 @@ def test_version_1_objects_refs_and_pins_move_to_their_version_2_digest(store: S
 
     migration = open_layout(store)
 
-    new = old.manifest.digest()
+    new = old.listing.digest()
     assert migration is not None and migration.renamed == {old.digest: new}
     assert store.object_digests() == {new}
     assert store.read_meta(old.digest) is None
@@ -82,15 +82,15 @@ def test_two_version_1_objects_with_one_version_2_tree_become_one(store: Store) 
     """Version 1 digests could differ for the same tree's twins; version 2 merges them, keeping both names."""
     first = publish_v1(store, handle=HANDLE)
     staging = store.new_staging()
-    manifest = write_tree(staging.tree)
-    twin = dataclasses.replace(meta_of(manifest, "kaggle.com/models/g/m/tensorflow2/v/1"), digest="e" * 64)
+    listing = write_tree(staging.tree)
+    twin = dataclasses.replace(meta_of(listing, "kaggle.com/models/g/m/tensorflow2/v/1"), digest="e" * 64)
     store.publish(staging.tree, twin)
     staging.cleanup()
     version_1(store)
 
     open_layout(store)
 
-    new = first.manifest.digest()
+    new = first.listing.digest()
     assert store.object_digests() == {new}
     meta = store.read_meta(new)
     assert meta is not None and set(meta.names) == {*first.names, *twin.names}
@@ -100,5 +100,5 @@ def test_version_1_objects_that_break_version_2_rules_are_quarantined(store: Sto
     bad = publish_v1(store, {"saved_model.pb": b"g", "assets/new\nline": b"x"})
     version_1(store)
     migration = open_layout(store)
-    assert migration is not None and migration.quarantined == [bad.manifest.digest()]
+    assert migration is not None and migration.quarantined == [bad.listing.digest()]
     assert store.object_digests() == set()

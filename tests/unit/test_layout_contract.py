@@ -22,7 +22,7 @@ from hubd_client.offline import lookup
 import hubd.layout
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 
 HANDLE = "https://tfhub.dev/google/model/1"
 DIGEST = "ab" * 32
@@ -40,12 +40,12 @@ def publish(store: Store) -> tuple[ObjectMeta, Ref]:
     """A minimal SavedModel published for HANDLE, as a fetch publishes it."""
     source = parse_handle(HANDLE, AnyHost())
     staging = store.new_staging()
-    manifest = TreeManifest()
+    listing = TreeListing()
     for name, data in {"saved_model.pb": b"\x08\x01graph", "variables/variables.index": b"index"}.items():
         (staging.tree / name).parent.mkdir(parents=True, exist_ok=True)
         (staging.tree / name).write_bytes(data)
-        manifest.files[name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
-    meta = ObjectMeta(manifest.digest(), "cd" * 32, manifest.total_bytes, 1_700_000_000.0, manifest, [])
+        listing.files[name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
+    meta = ObjectMeta(listing.digest(), "cd" * 32, listing.total_bytes, 1_700_000_000.0, listing, [])
     ref = Ref(source.canonical, HANDLE, meta.digest, meta.archive_sha256, meta.fetched_at)
     store.publish_entry(staging.tree, meta, [(source.ref_key, ref)])
     staging.cleanup()

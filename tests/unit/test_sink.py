@@ -14,7 +14,7 @@ import pytest
 
 from hubd.errors import HubdError, NotAnArchive, UnsafeArchive
 from hubd.sink import StreamingExtraction
-from hubd.tree import TreeManifest
+from hubd.tree import TreeListing
 from tests import hostile
 
 FILES = {
@@ -38,8 +38,8 @@ def chunks(data: bytes, size: int = 4096) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-async def stream(dest: Path, data: bytes, size: int = 4096) -> TreeManifest:
-    """Feed `data` in chunks as a download would, stopping when told to; the extractor's manifest."""
+async def stream(dest: Path, data: bytes, size: int = 4096) -> TreeListing:
+    """Feed `data` in chunks as a download would, stopping when told to; the extractor's listing."""
     sink = StreamingExtraction(dest, max_bytes=2**30, max_members=1000, fsync=False)
     try:
         for chunk in chunks(data, size):
@@ -52,11 +52,11 @@ async def stream(dest: Path, data: bytes, size: int = 4096) -> TreeManifest:
 
 
 def test_an_archive_fed_in_small_chunks_is_unpacked_whole(tmp_path: Path) -> None:
-    manifest = asyncio.run(stream(tmp_path / "tree", archive(FILES), size=1000))
-    assert set(manifest.files) == set(FILES)
+    listing = asyncio.run(stream(tmp_path / "tree", archive(FILES), size=1000))
+    assert set(listing.files) == set(FILES)
     for name, data in FILES.items():
         assert (tmp_path / "tree" / name).read_bytes() == data
-        assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest()
+        assert listing.files[name].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_an_unsafe_member_fails_the_stream_and_writes_nothing_outside(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_restart_throws_away_a_partial_extraction_and_begins_again(tmp_path: Pat
     """The server could not resume: the second, whole transfer is what ends up on disk."""
     data = archive(FILES)
 
-    async def go() -> TreeManifest:
+    async def go() -> TreeListing:
         sink = StreamingExtraction(tmp_path / "tree", max_bytes=2**30, max_members=1000, fsync=False)
         for chunk in chunks(data)[:5]:
             await sink.feed(chunk)
@@ -111,8 +111,8 @@ def test_restart_throws_away_a_partial_extraction_and_begins_again(tmp_path: Pat
             await sink.feed(chunk)
         return await sink.finish()
 
-    manifest = asyncio.run(go())
-    assert set(manifest.files) == set(FILES)
+    listing = asyncio.run(go())
+    assert set(listing.files) == set(FILES)
     assert (tmp_path / "tree" / "variables/variables.data-00000-of-00001").read_bytes() == FILES[
         "variables/variables.data-00000-of-00001"
     ]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
-def tree(files: dict[str, tuple[int, str]] | None = None, links: dict[str, str] | None = None) -> TreeManifest:
-    return TreeManifest(
+def tree(files: dict[str, tuple[int, str]] | None = None, links: dict[str, str] | None = None) -> TreeListing:
+    return TreeListing(
         files={name: FileRecord(size, sha) for name, (size, sha) in (files or {}).items()},
         symlinks=dict(links or {}),
     )
@@ -32,7 +32,7 @@ def test_the_digest_depends_on_content_not_on_the_order_members_came_in() -> Non
         tree({"saved_model.pb": (1, SHA_A)}, {"assets/x": "../saved_model.pb"}),  # a link more
     ],
 )
-def test_any_change_to_a_member_changes_the_digest(changed: TreeManifest) -> None:
+def test_any_change_to_a_member_changes_the_digest(changed: TreeListing) -> None:
     assert changed.digest() != tree({"saved_model.pb": (1, SHA_A)}).digest()
 
 
@@ -48,14 +48,14 @@ def test_a_newline_in_a_path_cannot_forge_another_trees_digest() -> None:
 def test_the_manifest_survives_its_json_form() -> None:
     original = tree({"saved_model.pb": (1, SHA_A)}, {"assets/link": "../saved_model.pb"})
     original.dirs.add("assets/empty")
-    again = TreeManifest.from_json(original.to_json())
+    again = TreeListing.from_json(original.to_json())
     assert again == original and again.digest() == original.digest()
 
 
 def test_all_dirs_includes_the_ones_only_implied_by_deeper_members() -> None:
-    manifest = tree({"a/b/c.txt": (1, SHA_A)}, {"d/e": "../a/b/c.txt"})
-    manifest.dirs.add("f/g")
-    assert manifest.all_dirs() == {"", "a", "a/b", "d", "f", "f/g"}
+    listing = tree({"a/b/c.txt": (1, SHA_A)}, {"d/e": "../a/b/c.txt"})
+    listing.dirs.add("f/g")
+    assert listing.all_dirs() == {"", "a", "a/b", "d", "f", "f/g"}
 
 
 @pytest.mark.parametrize(
@@ -77,16 +77,16 @@ def test_links_that_leave_loop_or_dangle_are_problems(links: dict[str, str], why
 
 @pytest.mark.parametrize("name", ["saved_model.pb", "fingerprint.pb", "variables", "variables/variables.index"])
 def test_the_files_tensorflow_loads_may_not_be_links(name: str) -> None:
-    manifest = tree({"real.pb": (1, SHA_A)}, {name: "real.pb"})
-    assert manifest.link_problems() == [f"{name!r}: must be a regular file or directory, not a link"]
+    listing = tree({"real.pb": (1, SHA_A)}, {name: "real.pb"})
+    assert listing.link_problems() == [f"{name!r}: must be a regular file or directory, not a link"]
 
 
 def test_links_that_stay_inside_the_tree_are_fine() -> None:
-    manifest = tree(
+    listing = tree(
         {"saved_model.pb": (1, SHA_A), "assets/vocab.txt": (1, SHA_B)},
         {"assets/alias.txt": "vocab.txt", "assets/dir": ".", "top.txt": "assets/dir/alias.txt"},
     )
-    assert manifest.link_problems() == []
+    assert listing.link_problems() == []
 
 
 @pytest.mark.parametrize("name", ["a\nb", "tab\there", "nul\x00", "del\x7f"])

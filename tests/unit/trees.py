@@ -1,4 +1,4 @@
-"""Small model trees written straight to disk, with the manifest and meta hubd would record for them."""
+"""Small model trees written straight to disk, with the listing and meta hubd would record for them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from hubd.store import ObjectMeta, Ref
-from hubd.tree import FileRecord, TreeManifest
+from hubd.tree import FileRecord, TreeListing
 
 FETCHED_AT = 1_700_000_000.0
 SAVED_MODEL = {"saved_model.pb": b"\x08\x01graph", "variables/variables.index": b"index"}
@@ -15,32 +15,32 @@ SAVED_MODEL = {"saved_model.pb": b"\x08\x01graph", "variables/variables.index": 
 
 def write_tree(
     root: Path, files: dict[str, bytes] | None = None, links: dict[str, str] | None = None
-) -> TreeManifest:
-    """Write `files` (default: a minimal SavedModel) and `links` under `root`; the manifest of what was written."""
+) -> TreeListing:
+    """Write `files` (default: a minimal SavedModel) and `links` under `root`; the listing of what was written."""
     files = SAVED_MODEL if files is None else files
-    manifest = TreeManifest()
+    listing = TreeListing()
     for name, data in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        manifest.files[name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
+        listing.files[name] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
     for name, target in (links or {}).items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, path)
-        manifest.symlinks[name] = target
+        listing.symlinks[name] = target
     root.mkdir(parents=True, exist_ok=True)
-    return manifest
+    return listing
 
 
-def meta_of(manifest: TreeManifest, *names: str, fetched_at: float = FETCHED_AT) -> ObjectMeta:
-    """The meta a publish records for `manifest` (archive sha256 made up: no archive is involved)."""
+def meta_of(listing: TreeListing, *names: str, fetched_at: float = FETCHED_AT) -> ObjectMeta:
+    """The meta a publish records for `listing` (archive sha256 made up: no archive is involved)."""
     return ObjectMeta(
-        digest=manifest.digest(),
-        archive_sha256=hashlib.sha256(manifest.digest().encode()).hexdigest(),
-        size_bytes=manifest.total_bytes,
+        digest=listing.digest(),
+        archive_sha256=hashlib.sha256(listing.digest().encode()).hexdigest(),
+        size_bytes=listing.total_bytes,
         fetched_at=fetched_at,
-        manifest=manifest,
+        listing=listing,
         names=list(names),
     )
 
