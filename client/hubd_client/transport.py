@@ -194,6 +194,9 @@ class Answer:
         self.close()
 
     def close(self) -> None:
+        # An answer that ends the connection (a stream, Connection: close) owns the socket; closing the
+        # connection alone leaves it open (a ResourceWarning, and a descriptor held until garbage collection).
+        self.response.close()
         self.connection.close()
 
     def json(self) -> Any:
