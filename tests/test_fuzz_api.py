@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hubd.config import Settings
 from hubd.server.routes_table import ROUTES
 from tests.conftest import Upstream
@@ -17,6 +19,7 @@ from tests.daemon import start_daemon
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
+@pytest.mark.slow
 def test_api_fuzz_finds_no_server_errors(settings: Settings, upstream: Upstream, tmp_path: Path) -> None:
     upstream.publish("reusable", path="fuzz/model/1")  # something real to find among the noise
     daemon = start_daemon(settings, tmp_path, "--listen", "127.0.0.1:0")
