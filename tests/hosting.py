@@ -45,6 +45,8 @@ class HostingServer:
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.range_requests: collections.Counter[str] = collections.Counter()
+        self.range_starts: collections.defaultdict[str, list[int]] = collections.defaultdict(list)
+        """The first byte each Range request asked for, in order."""
         self.disconnects: collections.Counter[str] = collections.Counter()
         """Responses the client closed before their end (the server noticed on its next write)."""
         self._released: dict[str, asyncio.Event] = {}
@@ -175,6 +177,7 @@ class HostingServer:
                 response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 with self._cond:
                     self.range_requests[path] += 1
+                    self.range_starts[path].append(start)
         response.headers["ETag"] = etag
         response.content_type = "application/x-tar"
         if behaviour.trailing_junk:
