@@ -16,26 +16,10 @@ from urllib.parse import urlencode
 from hubd_client import transport
 from hubd_client.errors import HubdClientError
 
-from hubd.errors import HubdError, error_class
+from hubd.errors import AnswerBrokenOff, DaemonNotAnswering, HubdError, UntrustedDaemonSocket, error_class
 
 if TYPE_CHECKING:
     from hubd.config import Settings
-
-
-class UntrustedDaemonSocket(HubdError):
-    code = "untrusted_socket"
-    http_status = 403
-
-
-class DaemonNotAnswering(HubdError):
-    """Something accepted the connection but sent no answer in time: a hung or overloaded daemon."""
-
-    code = "daemon_not_answering"
-    http_status = 504
-
-
-class AnswerBrokenOff(HubdError):
-    """The daemon closed the connection in the middle of an answer (an export whose model failed its re-hash)."""
 
 
 def client_timeouts() -> tuple[float, float, float]:

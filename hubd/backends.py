@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
-from hubd.api_client import AnswerBrokenOff, DaemonClient, error_from
+from hubd.api_client import DaemonClient, error_from
 from hubd.entry import Entry
-from hubd.errors import BadRequest, HubdError, UnknownModel
+from hubd.errors import AnswerBrokenOff, BadRequest, HubdError, UnknownModel
 from hubd.events import DoneEvent, ErrorEvent, ProgressEvent, SummaryEvent
 
 if TYPE_CHECKING:

@@ -34,8 +34,18 @@ from hubd_client.layout import ref_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hubd import __version__
-from hubd.errors import BadRequest, DiskFull, HubdError, RefConflict, UnsafeArchive, VerificationFailed
-from hubd.eviction import Cache, QuotaExceeded, collect, gc_lock, unevictable_bytes
+from hubd.errors import (
+    BadBundle,
+    BadRequest,
+    DiskFull,
+    HubdError,
+    QuotaExceeded,
+    RefConflict,
+    Stalled,
+    UnsafeArchive,
+    VerificationFailed,
+)
+from hubd.eviction import Cache, collect, gc_lock, unevictable_bytes
 from hubd.extract import SafeExtractor
 from hubd.layout import LAYOUT_VERSION
 from hubd.progress import human_bytes
@@ -52,13 +62,6 @@ MAX_HEADER_BYTES = 64 << 20
 _CHUNK = 1 << 20
 _DIGEST = r"^[0-9a-f]{64}$"
 T = TypeVar("T")
-
-
-class BadBundle(HubdError):
-    """The bundle as a whole cannot be read: not a bundle, a damaged header, a newer format."""
-
-    code = "bad_bundle"
-    http_status = 422
 
 
 class _Strict(BaseModel):
@@ -568,11 +571,6 @@ STALL_SECONDS = 300.0
 """How long a bundle's transfer may stand still before it is given up (and its worker thread freed)."""
 EXPORT_STALL_SECONDS = 60.0
 """The same for an export, whose client only has to read: an unread export frees its export thread sooner."""
-
-
-class Stalled(HubdError):
-    code = "stalled"
-    http_status = 408
 
 
 def _on_loop(

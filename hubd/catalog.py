@@ -26,19 +26,14 @@ from pathlib import Path
 
 from hubd_client.layout import CacheLayout
 
-from hubd.errors import HubdError
+from hubd.errors import (
+    AliasConflict,
+)
 
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 log = logging.getLogger("hubd")
-
-
-class AliasConflict(HubdError):
-    """Two manifests give one name to different models."""
-
-    code = "alias_conflict"
-    http_status = 409
 
 
 def alias_problem(name: str) -> str | None:

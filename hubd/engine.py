@@ -44,11 +44,12 @@ from hubd.errors import (
     HubdError,
     MirrorUnsigned,
     NotCached,
+    QuotaExceeded,
     RefConflict,
     UpstreamError,
     VerificationFailed,
 )
-from hubd.eviction import GcReport, QuotaExceeded, collect, unevictable_bytes
+from hubd.eviction import GcReport, collect, unevictable_bytes
 from hubd.executors import HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import (
     SPOOLS_PER_UID,

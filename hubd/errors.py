@@ -122,6 +122,84 @@ class TooManyExports(HubdError):
     http_status = 429
 
 
+class AnswerBrokenOff(HubdError):
+    """The daemon closed the connection in the middle of an answer (an export whose model failed its re-hash)."""
+
+    code = "answer_broken_off"
+    http_status = 502
+
+
+class DaemonNotAnswering(HubdError):
+    """Something accepted the connection but sent no answer in time: a hung or overloaded daemon."""
+
+    code = "daemon_not_answering"
+    http_status = 504
+
+
+class UntrustedDaemonSocket(HubdError):
+    code = "untrusted_socket"
+    http_status = 403
+
+
+class BadBundle(HubdError):
+    """The bundle as a whole cannot be read: not a bundle, a damaged header, a newer format."""
+
+    code = "bad_bundle"
+    http_status = 422
+
+
+class Stalled(HubdError):
+    code = "stalled"
+    http_status = 408
+
+
+class AliasConflict(HubdError):
+    """Two manifests give one name to different models."""
+
+    code = "alias_conflict"
+    http_status = 409
+
+
+class QuotaExceeded(HubdError):
+    """A download that the quota cannot hold besides what may not be evicted."""
+
+    code = "over_quota"
+    http_status = 507
+
+
+class Tampered(VerificationFailed):
+    """What the bucket holds does not match what its ref names: refused, never published."""
+
+    code = "bucket_tampered"
+
+
+class Forbidden(HubdError):
+    code = "forbidden"
+    http_status = 403
+
+
+class MisdirectedHost(HubdError):
+    code = "bad_host"
+    http_status = 400
+
+
+class RequestTimeout(HubdError):
+    code = "request_timeout"
+    http_status = 408
+
+
+class CollectorBusy(HubdError):
+    code = "busy"
+    http_status = 409
+
+
+class UntrustedCache(HubdError):
+    """The cache directory, or one above it, could be changed by another user; or it cannot be made at all."""
+
+    code = "cache_untrusted"
+    http_status = 503
+
+
 REGISTRY: tuple[type[HubdError], ...] = (
     HubdError,
     BadHandle,
@@ -144,6 +222,19 @@ REGISTRY: tuple[type[HubdError], ...] = (
     PinnedModel,
     LayoutTooNew,
     TooManyExports,
+    Forbidden,
+    MisdirectedHost,
+    RequestTimeout,
+    BadBundle,
+    Stalled,
+    QuotaExceeded,
+    AliasConflict,
+    UntrustedCache,
+    CollectorBusy,
+    Tampered,
+    UntrustedDaemonSocket,
+    DaemonNotAnswering,
+    AnswerBrokenOff,
 )
 """Every error class by hand, so what a code means never depends on which modules happen to be imported."""
 

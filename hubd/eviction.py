@@ -32,9 +32,12 @@ from hubd.audit import AuditLog
 from hubd.catalog import Catalog
 from hubd.config import Settings
 from hubd.entry import Entry
-from hubd.errors import HubdError
+from hubd.errors import (
+    CollectorBusy,
+    QuotaExceeded,
+)
 from hubd.index import Index
-from hubd.store import CollectorBusy, ObjectMeta, Store, gc_lock, remove_tree
+from hubd.store import ObjectMeta, Store, gc_lock, remove_tree
 from hubd.tfhub_view import TfhubView
 
 __all__ = [
@@ -51,13 +54,6 @@ __all__ = [
     "plan",
     "unevictable_bytes",
 ]
-
-
-class QuotaExceeded(HubdError):
-    """A download that the quota cannot hold besides what may not be evicted."""
-
-    code = "over_quota"
-    http_status = 507
 
 
 # -- the planner: state in, plan out, no I/O -------------------------------------------------------------------

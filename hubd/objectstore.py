@@ -48,8 +48,14 @@ from hubd.bundle import (
     write_bundle,
 )
 from hubd.entry import Entry
-from hubd.errors import BadRequest, HubdError, VerificationFailed
-from hubd.eviction import QuotaExceeded, collect, unevictable_bytes
+from hubd.errors import (
+    BadRequest,
+    HubdError,
+    QuotaExceeded,
+    Tampered,
+    VerificationFailed,
+)
+from hubd.eviction import collect, unevictable_bytes
 from hubd.progress import human_bytes
 from hubd.stats import ResolveStats
 from hubd.store import ObjectMeta
@@ -82,10 +88,6 @@ MAX_REF_BYTES = 64 << 10
 DRAIN_SECONDS = 120.0
 """How long `close` waits for uploads in flight before cancelling them."""
 _CHUNK = 1 << 20
-
-
-class Tampered(VerificationFailed):
-    """What the bucket holds does not match what its ref names: refused, never published."""
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from typing import Any
 from hubd_client.layout import CacheLayout, is_digest
 from hubd_client.paths import cache_dir_problem, system_uids
 
-from hubd.errors import HubdError
+from hubd.errors import CollectorBusy, HubdError, UntrustedCache  # noqa: F401  (defined in errors.py, raised here)
 from hubd.tree import TreeListing
 
 _CACHEDIR_TAG = (
@@ -71,13 +71,6 @@ def fault_point(step: str, when: str) -> None:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (HUBD_TEST_FAULT at {step})")
     if action == "kill" and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class UntrustedCache(HubdError):
-    """The cache directory, or one above it, could be changed by another user; or it cannot be made at all."""
-
-    code = "cache_untrusted"
-    http_status = 503
 
 
 @dataclass
@@ -141,11 +134,6 @@ class StagingDir:
         with suppress(FileNotFoundError):
             self._lock_path.unlink()
         os.close(self._lock_fd)
-
-
-class CollectorBusy(HubdError):
-    code = "busy"
-    http_status = 409
 
 
 @contextmanager

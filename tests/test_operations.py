@@ -18,7 +18,8 @@ import pytest
 
 from hubd.config import Settings
 from hubd.engine import Engine
-from hubd.eviction import CollectorBusy, collect, gc_lock
+from hubd.errors import CollectorBusy
+from hubd.eviction import collect, gc_lock
 from tests.conftest import REPO, Upstream, cli_env
 from tests.daemon import Daemon, start_daemon
 from tests.test_engine import resolve, with_engine

@@ -21,27 +21,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hubd.errors import BadRequest, HubdError
+from hubd.errors import BadRequest, Forbidden, HubdError, MisdirectedHost, RequestTimeout  # noqa: F401  (defined in errors.py, raised here)
 from hubd.server.namespaces import same_namespaces
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
-
-
-class Forbidden(HubdError):
-    code = "forbidden"
-    http_status = 403
-
-
-class MisdirectedHost(HubdError):
-    code = "bad_host"
-    http_status = 400
-
-
-class RequestTimeout(HubdError):
-    code = "request_timeout"
-    http_status = 408
 
 
 def is_loopback_host(host_header: str) -> bool:

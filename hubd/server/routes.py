@@ -18,7 +18,7 @@ from hubd import __version__, bundle
 from hubd.audit import ACTIONS, parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
-from hubd.errors import BadHandle, BadRequest, HubdError, TooManyExports
+from hubd.errors import BadHandle, BadRequest, HubdError, RequestTimeout, TooManyExports
 from hubd.events import ErrorDetail
 from hubd.eviction import gc_lock
 from hubd.executors import EXPORTS, PARSING, WAITS, run_in
@@ -44,7 +44,7 @@ from hubd.server.api import (
     VerifyResult,
 )
 from hubd.server.connections import ConnectionLimits
-from hubd.server.guards import AdminPolicy, RequestTimeout, peer_creds, peer_socket
+from hubd.server.guards import AdminPolicy, peer_creds, peer_socket
 from hubd.server.metrics import CONTENT_TYPE, Metrics
 
 M = TypeVar("M", bound=BaseModel)

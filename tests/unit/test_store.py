@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
-from hubd.store import ObjectMeta, Store, UntrustedCache
+from hubd.errors import UntrustedCache
+from hubd.store import ObjectMeta, Store
 from tests.unit.trees import meta_of, ref_to, write_tree
 
 HANDLE = "https://tfhub.dev/google/model/1"

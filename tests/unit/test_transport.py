@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from hubd_client import transport
 
-from hubd.api_client import AnswerBrokenOff, DaemonClient, DaemonNotAnswering
+from hubd.api_client import DaemonClient
 from hubd.config import Settings
+from hubd.errors import AnswerBrokenOff, DaemonNotAnswering
 
 
 class Canned:
