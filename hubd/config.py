@@ -238,6 +238,9 @@ def load_settings(**overrides: Any) -> Settings:
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
         return Settings(**given)
+    except tomllib.TOMLDecodeError as exc:
+        where = next((str(f) for f in config_files() if _not_toml(f)), "a configuration file")
+        raise BadRequest(f"{where} is not valid TOML: {exc}", f"fix or remove {where}") from None
     except SettingsError as exc:
         raise BadRequest(f"invalid configuration: {exc}", "check the HUBD_* variables") from None
     except ValidationError as exc:
@@ -248,6 +251,17 @@ def load_settings(**overrides: Any) -> Settings:
         raise BadRequest(
             f"invalid configuration: {problems}", f"check the flags, HUBD_* variables and {files}"
         ) from None
+
+
+def _not_toml(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except tomllib.TOMLDecodeError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)

@@ -192,11 +192,6 @@ def test_an_unknown_key_in_a_file_is_an_error_not_ignored(tmp_path: Path, monkey
         load_settings()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=tomllib.TOMLDecodeError,
-    reason="load_settings lets tomllib.TOMLDecodeError through: `hubd` prints a traceback for a malformed file",
-)
 def test_a_file_that_is_not_toml_is_a_readable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "hubd.toml"
     config.write_text("retries = [\n")
