@@ -110,7 +110,10 @@ AS_USER = """
 import os, sys
 uid, gid, code = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 import asyncio, ctypes, http.client, json, resource, selectors, socket, struct, time, concurrent.futures.thread
-import hubd.cli, hubd.api_client, hubd_client, hubd_client.resolver, hubd_client.offline, hubd_client.transport
+import gzip, hashlib, io, pickle, sqlite3, tarfile, tempfile, threading
+# The CLI imports its backends lazily, so what the user's code may reach is imported here, while still root.
+import hubd.cli, hubd.api_client, hubd.backends, hubd.engine, hubd.server.app, rich.progress
+import hubd_client, hubd_client.resolver, hubd_client.offline, hubd_client.transport
 os.setgroups([])
 os.setgid(gid)
 os.setuid(uid)
