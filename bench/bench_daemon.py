@@ -25,6 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "client")]
 from hubd_client.handles import parse_handle  # noqa: E402
 
 from hubd.config import Settings  # noqa: E402
+from hubd.layout import open_cache  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
 from hubd.tree import FileRecord, TreeListing  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
@@ -76,7 +77,7 @@ def loadgen(daemon: Daemon, concurrency: int, seconds: float, body: dict[str, An
 def fill_store(root: Path, count: int) -> None:
     """`count` tiny published entries, written through the Store as the engine would (fsync off: a bench)."""
     store = Store(root, fsync=False)
-    store.ensure_layout()
+    open_cache(store)
     for i in range(count):
         staging = store.new_staging()
         tree = staging.tree

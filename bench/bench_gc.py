@@ -29,6 +29,7 @@ from hubd_client.handles import AnyHost, parse_handle  # noqa: E402
 from hubd import eviction  # noqa: E402
 from hubd.config import Settings  # noqa: E402
 from hubd.engine import Engine  # noqa: E402
+from hubd.layout import open_cache  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
 from hubd.tfhub_view import TfhubView  # noqa: E402
 from hubd.tree import FileRecord, TreeListing  # noqa: E402
@@ -39,7 +40,7 @@ SIZE = 64
 
 def build(root: Path, entries: int) -> None:
     store = Store(root, fsync=False)
-    store.ensure_layout()
+    open_cache(store)
     view = TfhubView(store)
     long_ago = time.time() - 86400
     for i in range(entries):

@@ -31,6 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "client")]
 from hubd_client.handles import parse_handle  # noqa: E402
 
 from hubd.config import Settings  # noqa: E402
+from hubd.layout import open_cache  # noqa: E402
 from hubd.store import ObjectMeta, Ref, Store  # noqa: E402
 from hubd.tree import FileRecord, TreeListing  # noqa: E402
 from tests.daemon import Daemon, call, start_daemon  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> None:
     try:
         settings = Settings(cache_dir=work / "cache", fsync=False)
         store = Store(settings.cache_dir, fsync=False)
-        store.ensure_layout()
+        open_cache(store)
         started = time.perf_counter()
         many = "https://tfhub.dev/bench/many-files/1"
         publish(store, many, {"saved_model.pb": b"graph", **{f"assets/f{i:05d}": b"x" for i in range(args.files)}})

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "client")]
 
 from hubd import index as after  # noqa: E402
+from hubd.layout import open_cache  # noqa: E402
 from hubd.store import ObjectMeta, Store  # noqa: E402
 from hubd.tree import TreeListing  # noqa: E402
 
@@ -79,7 +80,7 @@ def per_call(calls: int, op: Callable[[int], object]) -> float:
 
 def measure(module: ModuleType, root: Path, entries: int, scans: int) -> dict[str, float]:
     store = Store(root, fsync=False)
-    store.ensure_layout()
+    open_cache(store)
     index = module.Index(store)
     figures = {"fill_s": fill(index, entries)}
     new = entries + 10_000_000

@@ -63,6 +63,7 @@ from hubd.fetch import (
 )
 from hubd.index import Index
 from hubd.inventory import CacheCounts
+from hubd.layout import open_cache
 from hubd.maintenance import VerifyReport as VerifyReport  # routes.py imports it from here
 from hubd.objectstore import open_object_store
 from hubd.progress import human_bytes
@@ -153,7 +154,7 @@ class Engine:
         """The shared S3 tier (HUBD_OBJECT_STORE): looked in before upstream, uploaded to after a fetch."""
 
     async def start(self) -> None:
-        self.store.ensure_layout()
+        open_cache(self.store)
         self.catalog.load()
         self.store.clean_stale_staging()
         await asyncio.to_thread(self._drop_stale_spools)

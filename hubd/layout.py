@@ -26,8 +26,27 @@ from hubd.errors import LayoutTooNew  # re-exported: tests/unit/test_layout.py i
 if TYPE_CHECKING:
     from hubd.store import Store
 
-__all__ = ["LAYOUT_VERSION", "VERSION_FILE", "LayoutTooNew", "Migration", "open_layout", "read_version"]
+__all__ = [
+    "LAYOUT_VERSION",
+    "VERSION_FILE",
+    "LayoutTooNew",
+    "Migration",
+    "open_cache",
+    "open_layout",
+    "read_version",
+]
 log = logging.getLogger("hubd.layout")
+
+
+def open_cache(store: Store) -> Store:
+    """Make `store` ready to use, the one way every user of a cache opens it: its directories (after checking who
+    could change them), its layout version (an older one migrated, a newer one refused), then the publishes a crash
+    interrupted. It lives here, not in the store, because migrating rebuilds the index and the tensorflow_hub
+    view, which are built on the store."""
+    store.prepare_directories()
+    open_layout(store)
+    store.recover_pending()
+    return store
 
 
 @dataclass

@@ -173,7 +173,9 @@ class Store:
         self.pending = self.layout.pending
         self._meta_listing: tuple[int, tuple[str, ...]] | None = None
 
-    def ensure_layout(self) -> None:
+    def prepare_directories(self) -> None:
+        """Create the cache's directories (after checking who could change them). Callers open a cache with
+        `hubd.layout.open_cache`, which also checks the layout version and finishes interrupted publishes."""
         self.check_trusted()  # before anything is created or read: whoever made the directory owns its models
         try:
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -190,10 +192,6 @@ class Store:
         tag = self.layout.cachedir_tag
         if not tag.exists():
             self._write_atomic(tag, _CACHEDIR_TAG.encode())
-        from hubd.layout import open_layout  # imports the index and view modules, which import this one
-
-        open_layout(self)
-        self.recover_pending()
 
     def check_trusted(self) -> None:
         """Refuse a cache that anyone but this process's user, root or `hubd` could change (`cache_dir_problem`).

@@ -21,7 +21,7 @@ from hubd.errors import LayoutTooNew
 from hubd.extract import SafeExtractor
 from hubd.index import Index
 from hubd.inflate import GzipReader
-from hubd.layout import LAYOUT_VERSION, VERSION_FILE
+from hubd.layout import LAYOUT_VERSION, VERSION_FILE, open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
 from hubd.tree import FileRecord, TreeListing
@@ -116,7 +116,7 @@ def test_a_migration_cut_short_finishes_on_the_next_start(
         ref.digest = new
         store.write_ref(ref_key, ref)
 
-    store.ensure_layout()
+    open_cache(store)
 
     assert sorted(p.name for p in (root / "objects").iterdir()) == [new]
     assert sorted(p.name for p in (root / "meta").glob("*.json")) == [f"{new}.json"]
@@ -147,7 +147,7 @@ def test_an_old_object_that_breaks_the_new_rules_is_quarantined_not_migrated(tmp
     )
     _old, new = publish_v1(store, tree, listing, b"evil", "https://tfhub.dev/mallory/evil/1")
 
-    store.ensure_layout()
+    open_cache(store)
 
     assert not (root / "objects" / new).exists()
     assert [p.name.split(".")[0] for p in (root / "quarantine").iterdir() if p.is_dir()] == [new]
@@ -162,7 +162,7 @@ def test_a_newer_layout_is_refused_with_a_remedy(tmp_path: Path, models: dict[st
     (root / VERSION_FILE).write_text("3\n")
 
     with pytest.raises(LayoutTooNew, match="layout version 3") as caught:
-        Store(root).ensure_layout()
+        open_cache(Store(root))
     assert "upgrade hubd" in caught.value.hint
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBD_", "NOTIFY_", "LISTEN_"))}
     env.update(HUBD_CACHE_DIR=str(root), HUBD_SOCKET=str(tmp_path / "hubd.sock"))
@@ -185,7 +185,7 @@ def test_the_offline_reader_understands_old_layouts_and_refuses_newer_ones(
     old, new = write_v1_entry(root, models["reusable"], handle)
     monkeypatch.setenv("HUBD_CACHE_DIR", str(root))
     assert lookup(handle)[0] == str(root / "objects" / old)
-    Store(root, fsync=False).ensure_layout()
+    open_cache(Store(root, fsync=False))
     assert lookup(handle)[0] == str(root / "objects" / new)
     (root / VERSION_FILE).write_text("3\n")
     with pytest.raises(HubdClientError) as caught:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hubd.config import Settings
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 from hubd.verify import full_problems
@@ -183,7 +184,7 @@ def test_index_damaged_while_running_is_rebuilt_and_every_resolve_succeeds(
 def test_concurrent_publishers_of_one_object_keep_every_name(tmp_path: Path) -> None:
     """Racing publishers of equal content: one object, one meta whose names are the union, the first one's kept."""
     store = Store(tmp_path / "cache", fsync=False)
-    store.ensure_layout()
+    open_cache(store)
     payload = b"graph"
     listing = TreeListing(files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())})
     digest = listing.digest()
@@ -220,11 +221,12 @@ def test_concurrent_publishers_of_one_object_keep_every_name(tmp_path: Path) -> 
 CRASHING_PUBLISHER = """
 import hashlib, sys
 from pathlib import Path
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 
 store = Store(Path(sys.argv[1]), fsync=False)
-store.ensure_layout()
+open_cache(store)
 payload = b"graph"
 listing = TreeListing(files={"saved_model.pb": FileRecord(len(payload), hashlib.sha256(payload).hexdigest())})
 staging = store.new_staging()

@@ -15,6 +15,7 @@ import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.config import Settings
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 from tests.conftest import Upstream, cli_env
@@ -30,7 +31,7 @@ def write_entries(root: Path, count: int, users: dict[int, range] | None = None,
     """A cache of `count` small entries written as publishes leave them (object, meta, ref; users when given),
     with no index: the daemon builds it at start. Returns the digests in the order written."""
     store = Store(root, fsync=False)
-    store.ensure_layout()
+    open_cache(store)
     digests = []
     for i in range(count):
         payload = f"model {i}".encode().ljust(size, b".")

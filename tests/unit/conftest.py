@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import pytest
 
+from hubd.layout import open_cache
 from hubd.store import Store
 
 _E2E_ONLY = "is an end-to-end fixture: unit tests (tests/unit) start no TensorFlow, hosting server or daemon"
@@ -45,7 +46,7 @@ def _no_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def store(tmp_path: Path) -> Store:
     """An empty cache laid out as the daemon lays it out (fsync off: a throwaway cache)."""
     cache = Store(tmp_path / "cache", fsync=False)
-    cache.ensure_layout()
+    open_cache(cache)
     return cache
 
 

@@ -13,6 +13,7 @@ import diskcache
 import pytest
 
 from hubd.index import INDEX_FORMAT, Index
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 
@@ -44,7 +45,7 @@ def _ref_key(canonical: str) -> str:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     cache = Store(tmp_path / "cache", fsync=False)
-    cache.ensure_layout()
+    open_cache(cache)
     return cache
 
 

@@ -20,6 +20,7 @@ from hubd_client.layout import CacheLayout
 from hubd_client.offline import lookup
 
 import hubd.layout
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tfhub_view import TfhubView, link_name
 from hubd.tree import FileRecord, TreeListing
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     cache = Store(tmp_path / "cache", fsync=False)
-    cache.ensure_layout()
+    open_cache(cache)
     return cache
 
 

@@ -12,6 +12,7 @@ import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
 from hubd.errors import UntrustedCache
+from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Store
 from tests.unit.trees import meta_of, ref_to, write_tree
 
@@ -39,7 +40,7 @@ def test_a_cache_others_could_write_is_refused(tmp_path: Path) -> None:
     shared.mkdir()
     shared.chmod(0o777)  # world-writable and not sticky: anyone could plant a model
     with pytest.raises(UntrustedCache) as refused:
-        Store(shared / "cache", fsync=False).ensure_layout()
+        open_cache(Store(shared / "cache", fsync=False))
     assert not (shared / "cache").exists()
     assert "another user could choose the models" in refused.value.message
 
