@@ -112,8 +112,12 @@ class ParallelInflate:
         self._resident_cap = _CHILD_RESIDENT + threads * _PER_THREAD_RESIDENT
         self.killed_for_memory = False
         env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+        # -P: `python -c` would put the working directory first on sys.path, and a daemon (or `hubd pull` with no
+        # daemon) started in a directory another user can write would import their `rapidgzip.py`. The child
+        # runs in / so no relative name can reach that directory either.
         self._child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(path), str(threads), str(limit)],
+            [sys.executable, "-P", "-c", _CHILD, os.path.abspath(path), str(threads), str(limit)],
+            cwd="/",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
