@@ -2,10 +2,13 @@
 
 Entries are watched within a bounded number of inotify watches (HUBD_MAX_WATCHES, default 8192; the kernel's
 fs.inotify.max_user_watches is shared by every program of the user): objects/ itself, for entries published by
-any process, and the directories of each entry published or used since the daemon started, until the budget or
-the kernel says no more. From then on, with one log line, new entries are left to the periodic scrub, which
-quick-checks (sizes and types, as a cache hit does) every entry not watched, a batch each HUBD_SCRUB_INTERVAL
-seconds. A change found either way gets the entry re-hashed, quarantined and re-fetched (`Engine.verify`).
+any process, and the directories of each entry published or used since the daemon started. No entry may take
+more than its share of the budget (`entry_cap`): one with more directories is left to the scrub, so a model of
+thousands of folders, which anyone may have fetched, cannot take the watches of everyone else's. Once the budget
+is used up (one log line), the entries watched longest ago give their watches to the next one used; once the
+kernel says no more, new entries are left to the scrub. The periodic scrub quick-checks (sizes and types, as a
+cache hit does) every entry not watched, a batch each HUBD_SCRUB_INTERVAL seconds. A change found either way gets
+the entry re-hashed, quarantined and re-fetched (`Engine.verify`).
 
 The inotify descriptor is read on the event loop (no thread); observer threads of watchdog only hand paths to
 the loop; all work happens there, one check per entry at a time.
@@ -73,6 +76,9 @@ class _Forward(FileSystemEventHandler):
                 if path:
                     self.loop.call_soon_threadsafe(self.callback, str(path))  # type: ignore[arg-type]
 
+
+ENTRY_SHARE = 16
+"""One entry may hold at most 1/ENTRY_SHARE of the budget's watches (but 8 at least, within the budget)."""
 
 SCRUB_BATCH = 256
 """Entries quick-checked per scrub batch: 100,000 unwatched entries take 6.5 hours at the default interval."""
@@ -149,6 +155,15 @@ class CacheWatch:
         """Why no more watches are placed (None while they are)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._asked: set[str] = set()
+        self._too_large: set[str] = set()
+        """Entries of more directories than `entry_cap`: left to the scrub (and never walked again)."""
+        self._recycling = False
+        """Whether the budget has been used up once (said in the log once)."""
+
+    @property
+    def entry_cap(self) -> int:
+        """The most watches (directories) one entry may hold."""
+        return max(1, min(self.budget - 1, max(8, self.budget // ENTRY_SHARE)))
 
     @property
     def count(self) -> int:
@@ -174,39 +189,65 @@ class CacheWatch:
 
     def _touched(self, digest: str) -> None:
         """An entry was used (any thread): watch it, on the loop."""
-        if digest not in self.watched and digest not in self._asked and self.full is None and self._loop:
+        if (
+            digest not in self.watched
+            and digest not in self._asked
+            and digest not in self._too_large
+            and self.full is None
+            and self._loop
+        ):
             self._asked.add(digest)
             self._loop.call_soon_threadsafe(self.watch, digest)
 
     def watch(self, digest: str) -> None:
-        """Place watches on every directory of the entry, unless the budget or the kernel refuses one."""
+        """Place watches on every directory of the entry: none when it has more than `entry_cap`, and, when the
+        budget is used up, in place of those of the entries watched longest ago."""
         self._asked.discard(digest)
         inotify = self.inotify
-        if inotify is None or digest in self.watched or self.full is not None or len(digest) != 64:
+        if (
+            inotify is None
+            or digest in self.watched
+            or digest in self._too_large
+            or self.full is not None
+            or len(digest) != 64
+        ):
             return
-        top = self.engine.store.objects / digest
-        folders = [str(top), *(os.path.join(d, n) for d, names, _f in os.walk(top) for n in names)]
+        folders = _folders(self.engine.store.objects / digest, self.entry_cap)
+        if folders is None:
+            self._too_large.add(digest)
+            log.info("entry %s has more than %d directories: left to the scrub", digest[:12], self.entry_cap)
+            return
+        self._make_room(len(folders))
         placed: list[int] = []
         try:
             for folder in folders:
-                if self.count + len(placed) >= self.budget:
-                    raise OSError(errno.ENOSPC, f"HUBD_MAX_WATCHES={self.budget} reached")
                 placed.append(inotify.add(folder, _ENTRY_EVENTS))
         except OSError as exc:
             for wd in placed:
                 inotify.remove(wd)
             if exc.errno == errno.ENOENT:
                 return  # removed meanwhile
-            why = (
-                str(exc)
-                if "HUBD_MAX_WATCHES" in str(exc)
-                else "the kernel refuses more (fs.inotify.max_user_watches)"
-            )
-            self._fall_back(why)
+            self._fall_back("the kernel refuses more (fs.inotify.max_user_watches)")
             return
         self.watched[digest] = placed
         for at, wd in enumerate(placed):
             self._owner[wd] = (digest, at == 0)
+
+    def _make_room(self, needed: int) -> None:
+        """Unwatch the entries watched longest ago until `needed` more watches fit the budget (the scrub covers
+        them; each is watched again when next used)."""
+        while self.watched and self.count + needed > self.budget:
+            if not self._recycling:
+                self._recycling = True
+                log.warning(
+                    "inotify watches: HUBD_MAX_WATCHES=%d reached; the entries watched longest ago give their "
+                    "watches to the ones used now, every other entry is left to the periodic scrub (%d entries "
+                    "every %g s)",
+                    self.budget,
+                    SCRUB_BATCH,
+                    self.scrub_interval,
+                )
+            self._unwatch(next(iter(self.watched)))
 
     def _fall_back(self, why: str) -> None:
         self.full = why
@@ -264,6 +305,16 @@ class CacheWatch:
                 self._loop.call_soon_threadsafe(self.on_change, digest)
         end = start + SCRUB_BATCH
         return digests[end - 1] if end < len(digests) else ""
+
+
+def _folders(top: Path, cap: int) -> list[str] | None:
+    """The entry's directories, its top one first; None as soon as there are more than `cap` (not walked on)."""
+    folders = [str(top)]
+    for folder, names, _files in os.walk(top):
+        folders.extend(os.path.join(folder, name) for name in names)
+        if len(folders) > cap:
+            return None
+    return folders
 
 
 class Watchers:

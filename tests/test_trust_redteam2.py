@@ -3,6 +3,7 @@ parallel inflate and the index's totals landed. Each attack is performed against
 unprivileged local user where the attack is theirs) and shown to fail:
 
 1. a module planted in the daemon's working directory is never imported by the parallel-inflate child;
+2. one user's models with many directories cannot take the watcher's inotify budget from everyone else's;
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hubd import parallel_inflate
 from hubd.config import Settings
 from tests.daemon import start_daemon
 from tests.hosting import HostingServer
+from tests.test_trust_origins import ask_as, shared_daemon
 from tests.users import LocalUser, needs_root
 
 pytestmark = [needs_root]
@@ -81,3 +83,40 @@ def test_the_inflate_child_never_imports_from_the_daemons_working_directory(
         for child in planted.iterdir():
             child.unlink()
         planted.rmdir()
+
+
+# -- 2. the watcher's inotify budget ----------------------------------------------------------------------------
+
+
+def model_with_folders(count: int) -> bytes:
+    """A model whose tree has `count` directories besides its top one (a file in each)."""
+    files = {"saved_model.pb": b"\x08\x01graph" + uuid.uuid4().bytes}
+    files.update({f"assets/d{i:04}/f": b"x" for i in range(count - 1)} if count else {})
+    return archive(files)
+
+
+def test_one_users_many_folders_cannot_take_the_watches_of_everyone_else(
+    settings: Settings, hosting: HostingServer, attacker: LocalUser
+) -> None:
+    """The watcher used to stop placing watches for good once one entry did not fit its budget: a single model of
+    more directories than HUBD_MAX_WATCHES (a few KiB of archive), resolved by any socket user, left every model
+    published after it to the scrub (once an hour here, every 60 s by default). A few models that fit took the
+    budget the same way. Now an entry past its share of the budget is left to the scrub alone, and a full budget
+    moves the watches of the entries watched longest ago to the ones in use."""
+    env = {"HUBD_MAX_WATCHES": "16", "HUBD_SCRUB_INTERVAL": "3600"}
+    with shared_daemon(settings, attacker, env=env) as daemon:
+        tag = uuid.uuid4().hex[:8]
+        huge = hosting.add(f"redteam2/{tag}/huge/1", model_with_folders(40))
+        fits = [hosting.add(f"redteam2/{tag}/fits{i}/1", model_with_folders(7)) for i in range(3)]
+        for handle in [huge, *fits]:
+            status, body = ask_as(attacker, daemon, "POST", "/v1/resolve", {"handle": handle})
+            assert status == 200, body
+        victims = hosting.add(f"redteam2/{tag}/victim/1", archive(SMALL_MODEL))
+        entry = daemon.request("POST", "/v1/resolve", {"handle": victims}).json()
+        graph = Path(entry["path"], "saved_model.pb")
+        original = graph.read_bytes()
+        graph.write_bytes(b"\0" * len(original))  # tampered (as root: only root or hubd could)
+        path = victims.removeprefix(hosting.url + "/")
+        assert hosting.wait_requests(path, 2), daemon.log()  # the watcher saw it and re-fetched the model
+        healed = daemon.request("POST", "/v1/resolve", {"handle": victims}).json()
+        assert Path(healed["path"], "saved_model.pb").read_bytes() == original
