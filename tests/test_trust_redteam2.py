@@ -4,12 +4,15 @@ unprivileged local user where the attack is theirs) and shown to fail:
 
 1. a module planted in the daemon's working directory is never imported by the parallel-inflate child;
 2. one user's models with many directories cannot take the watcher's inotify budget from everyone else's;
+3. every admin route of the table refuses non-admins, for every method aiohttp answers, percent-encoded too (a
+   regression check of the route table: it held).
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
 import uuid
 from pathlib import Path
@@ -18,9 +21,10 @@ import pytest
 
 from hubd import parallel_inflate
 from hubd.config import Settings
+from hubd.server.routes_table import ROUTES
 from tests.daemon import start_daemon
 from tests.hosting import HostingServer
-from tests.test_trust_origins import ask_as, shared_daemon
+from tests.test_trust_origins import SYSTEM_PYTHON, ask_as, shared_daemon
 from tests.users import LocalUser, needs_root
 
 pytestmark = [needs_root]
@@ -120,3 +124,57 @@ def test_one_users_many_folders_cannot_take_the_watches_of_everyone_else(
         assert hosting.wait_requests(path, 2), daemon.log()  # the watcher saw it and re-fetched the model
         healed = daemon.request("POST", "/v1/resolve", {"handle": victims}).json()
         assert Path(healed["path"], "saved_model.pb").read_bytes() == original
+
+
+# -- 3. admin routes, every method and spelling -------------------------------------------------------------------
+
+# Run as the attacker: each [method, path] of argv[2] on the socket argv[1]; prints [[method, path, status], ...].
+ASK_ALL = r"""
+import http.client, json, socket, sys
+
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[1])
+
+answers = []
+for method, path in json.loads(sys.argv[2]):
+    conn = Unix("localhost", timeout=60)
+    conn.request(method, path, body=b"{}", headers={"Content-Type": "application/json"})
+    answers.append([method, path, conn.getresponse().status])
+    conn.close()
+print(json.dumps(answers))
+"""
+
+
+def admin_requests() -> list[tuple[str, str]]:
+    """Each admin route of the table with each method aiohttp answers on it (a GET answers HEAD too), as written
+    and with its first letter after /v1/ percent-encoded (aiohttp decodes before matching)."""
+    asked = []
+    for route in ROUTES:
+        if not route.admin:
+            continue
+        path = route.path.replace("{id}", "a" * 64)
+        encoded = f"{path[:4]}%{ord(path[4]):02x}{path[5:]}"
+        for method in [route.method, "HEAD"] if route.method == "GET" else [route.method]:
+            asked += [(method, path), (method, encoded)]
+    return asked
+
+
+def test_every_admin_route_refuses_non_admins_whatever_the_method_or_spelling(
+    settings: Settings, attacker: LocalUser
+) -> None:
+    asked = admin_requests()
+    assert ("HEAD", "/v1/audit") in asked and ("DELETE", "/v1/models/" + "a" * 64) in asked
+    with shared_daemon(settings, attacker, "--listen", "127.0.0.1:0") as daemon:
+        done = attacker.run([str(SYSTEM_PYTHON), "-c", ASK_ALL, str(daemon.socket_path), json.dumps(asked)])
+        assert done.returncode == 0, done.stderr
+        over_socket = {(method, path): status for method, path, status in json.loads(done.stdout)}
+        over_tcp = {}
+        for method, path in asked:
+            conn = daemon.http()
+            conn.request(method, path, body=b"{}", headers={"Content-Type": "application/json"})
+            over_tcp[(method, path)] = conn.getresponse().status
+            conn.close()
+    assert set(over_socket.values()) == {403}, over_socket
+    assert set(over_tcp.values()) == {403}, over_tcp
