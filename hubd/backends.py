@@ -338,7 +338,7 @@ class LocalBackend:
         return GcResponse(**report.__dict__)
 
     def status(self) -> Status:
-        from hubd.server.routes import cache_status
+        from hubd.inventory import cache_status
 
         return self._run(cache_status(self.engine))
 

@@ -22,6 +22,7 @@ from hubd.errors import BadHandle, BadRequest, HubdError, RequestTimeout, TooMan
 from hubd.events import ErrorDetail
 from hubd.eviction import gc_lock
 from hubd.executors import EXPORTS, PARSING, WAITS, run_in
+from hubd.inventory import cache_status
 from hubd.manifest import Manifest, ManifestEntry, ManifestProblems, parse_manifest, validate
 from hubd.prefetch import resolve_many
 from hubd.server.api import (
@@ -35,10 +36,7 @@ from hubd.server.api import (
     PrefetchRequest,
     PullRequest,
     ResolveRequest,
-    Status,
     Unpinned,
-    Upstream,
-    UserUsage,
     VerifyRequest,
     VerifyResponse,
     VerifyResult,
@@ -356,30 +354,6 @@ async def status(request: web.Request) -> web.Response:
     """GET /v1/status?limit=&cursor=: the cache's figures, with a page of its per-user usage."""
     limit, cursor = _page(request, USERS_CURSOR)
     return json_response(await cache_status(_engine(request), limit, int(cursor) if cursor else 0))
-
-
-async def cache_status(engine: Engine, limit: int | None = None, offset: int = 0) -> Status:
-    """Counted from the index's totals and three directory listings (`Engine.counts`), never every entry."""
-    counts = await asyncio.to_thread(engine.counts)
-    url, reachable, detail = await engine.check_upstream()
-    ranked = sorted(counts.users.items(), key=lambda item: (-item[1][1], item[0]))
-    end = len(ranked) if limit is None else min(len(ranked), offset + limit)
-    users = [
-        UserUsage(uid=uid, user=user_name(uid), entries=entries, size_bytes=size_bytes)
-        for uid, (entries, size_bytes) in ranked[offset:end]
-    ]
-    return Status(
-        users=users,
-        next_cursor=str(end) if end < len(ranked) else None,
-        cache_dir=str(engine.settings.cache_dir),
-        offline=engine.settings.offline,
-        entries=counts.entries,
-        pinned=counts.pinned,
-        broken=counts.broken,
-        size_bytes=counts.size_bytes,
-        max_size=engine.settings.max_size,
-        upstream=Upstream(url=url, reachable=reachable, detail=detail),
-    )
 
 
 async def verify(request: web.Request) -> web.Response:
