@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from hubd.parallel_inflate import AUTO_MIN_CORES, MIN_PARALLEL_BYTES, choose_thr
 from hubd.sink import StreamingExtraction
 from hubd.tree import TreeListing
 from tests import hostile
+from tests.unit.trees import gzip_tar
 
 pytestmark = pytest.mark.skipif(not parallel_inflate.available(), reason="rapidgzip is not installed")
 
@@ -32,14 +31,7 @@ FILES = {
 }
 
 
-def archive(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), compresslevel=1)
+archive = gzip_tar
 
 
 async def feed_all(dest: Path, data: bytes, threads: str, max_bytes: int = 2**30) -> TreeListing:

@@ -10,10 +10,7 @@ unprivileged local user where the attack is theirs) and shown to fail:
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -25,19 +22,13 @@ from hubd.server.routes_table import ROUTES
 from tests.daemon import start_daemon
 from tests.hosting import HostingServer
 from tests.test_trust_origins import SYSTEM_PYTHON, ask_as, shared_daemon
+from tests.unit.trees import gzip_tar
 from tests.users import LocalUser, needs_root
 
 pytestmark = [needs_root]
 
 
-def archive(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), compresslevel=1)
+archive = gzip_tar
 
 
 SMALL_MODEL = {"saved_model.pb": b"\x08\x01graph"}

@@ -13,7 +13,6 @@ import diskcache
 import pytest
 
 from hubd.index import INDEX_FORMAT, Index
-from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 
@@ -40,13 +39,6 @@ def published(store: Store, n: int, *names: str) -> ObjectMeta:
 
 def _ref_key(canonical: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    cache = Store(tmp_path / "cache", fsync=False)
-    open_cache(cache)
-    return cache
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from hubd.errors import HubdError, NotAnArchive, UnsafeArchive
 from hubd.sink import StreamingExtraction
 from hubd.tree import TreeListing
 from tests import hostile
+from tests.unit.trees import gzip_tar
 
 FILES = {
     "saved_model.pb": b"\x08\x01graph",
@@ -24,14 +22,7 @@ FILES = {
 }
 
 
-def archive(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), compresslevel=1)
+archive = gzip_tar
 
 
 def chunks(data: bytes, size: int = 4096) -> list[bytes]:

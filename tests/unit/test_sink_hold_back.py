@@ -6,30 +6,18 @@ while an interactive fetch ran: on two cores that alone tripled a small model's 
 from __future__ import annotations
 
 import asyncio
-import gzip
-import io
-import tarfile
 import threading
 from pathlib import Path
 
 from hubd.sink import StreamingExtraction
+from tests.unit.trees import gzip_tar
 
 _HELD_TIMEOUT = 30.0
 
 
-def _archive(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue())
-
-
 def test_queued_chunks_wait_while_held_and_extract_once_released(tmp_path: Path) -> None:
     files = {"saved_model.pb": b"graph" * 1000, "variables/variables.index": b"index"}
-    data = _archive(files)
+    data = gzip_tar(files)
     gate, entered = threading.Event(), threading.Event()
 
     def hold_back() -> None:
@@ -52,7 +40,7 @@ def test_queued_chunks_wait_while_held_and_extract_once_released(tmp_path: Path)
 
 
 def test_without_hold_back_extraction_runs_as_before(tmp_path: Path) -> None:
-    data = _archive({"saved_model.pb": b"graph"})
+    data = gzip_tar({"saved_model.pb": b"graph"})
 
     async def run() -> list[str]:
         sink = StreamingExtraction(tmp_path / "tree", 1 << 20, 100, fsync=False)

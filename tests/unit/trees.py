@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
+import tarfile
 from pathlib import Path
 
 from hubd.store import ObjectMeta, Ref
@@ -52,3 +55,14 @@ def ref_to(meta: ObjectMeta, canonical: str, handle: str | None = None) -> Ref:
 def ref_key(canonical: str) -> str:
     """The key refs and locks use for a canonical name (what `Source.ref_key` computes)."""
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def gzip_tar(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz (PAX) of `files`, name -> bytes, built in memory."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), compresslevel=1)
