@@ -3,7 +3,9 @@
 One HTTP client of the API: the client library's standard-library transport (`hubd_client.transport`) connects,
 checks the socket's owner, bounds every wait (HUBD_CLIENT_* limits) and reads JSON, NDJSON streams and raw bodies;
 this module adds what the CLI needs on top (the admin token over TCP, pages, typed answers, hubd's errors). It
-imports neither aiohttp nor asyncio, so a command served by the daemon starts quickly.
+imports neither aiohttp nor asyncio, so a command served by the daemon starts quickly. The transport sends the
+token only to a port a trusted user serves (root, `hubd`, yourself, HUBD_SOCKET_OWNER): anyone may bind a
+loopback port while the daemon is down.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def endpoint_of(settings: Settings) -> transport.Endpoint:
     )
 
 
+def _untrusted(exc: transport.Untrusted) -> UntrustedDaemonSocket:
+    return UntrustedDaemonSocket(
+        str(exc),
+        exc.hint
+        or "remove that socket's directory (as root if need be), or set HUBD_SOCKET to a socket "
+        "in a directory only you or root can write",
+    )
+
+
 class DaemonClient:
     """API v1 of one daemon (the one `settings` names), one request at a time; answers as plain JSON values."""
 
@@ -83,26 +94,28 @@ class DaemonClient:
         )
 
     def is_running(self) -> bool:
-        """True when the daemon answers; an impostor's socket is an error, never a silent fallback."""
+        """True when the daemon answers; an impostor's socket (or, with a token, an impostor's port) is an
+        error, never a silent fallback."""
         try:
-            with transport.send(self.endpoint, "GET", "/v1/health") as answer:
+            with transport.send(self.endpoint, "GET", "/v1/health", headers=self._token()) as answer:
                 return answer.status == 200
         except transport.Untrusted as exc:
-            raise UntrustedDaemonSocket(
-                str(exc),
-                "remove that socket's directory (as root if need be), or set HUBD_SOCKET to a socket "
-                "in a directory only you or root can write",
-            ) from None
+            raise _untrusted(exc) from None
         except transport.NotAnswering as exc:
             raise self._not_answering(exc) from None
         except (transport.Unreachable, OSError, HubdClientError):
             return False
 
-    def _send(self, method: str, path: str, body: Any = None, **options: Any) -> transport.Answer:
+    def _token(self) -> dict[str, str]:
         if self._headers is None:
             self._headers = _token_header(self.settings)
+        return self._headers
+
+    def _send(self, method: str, path: str, body: Any = None, **options: Any) -> transport.Answer:
         try:
-            answer = transport.send(self.endpoint, method, path, body, headers=self._headers, **options)
+            answer = transport.send(self.endpoint, method, path, body, headers=self._token(), **options)
+        except transport.Untrusted as exc:
+            raise _untrusted(exc) from None
         except transport.NotAnswering as exc:
             raise self._not_answering(exc) from None
         except transport.Unreachable as exc:

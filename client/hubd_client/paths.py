@@ -22,7 +22,12 @@ SYSTEM_USER = "hubd"
 
 
 class UntrustedSocket(Exception):
-    """A socket, or a directory on its path, that someone else could control."""
+    """A socket, or a directory on its path, that someone else could control; `hint` says what to do (empty:
+    the caller's own advice fits)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def default_cache_dir() -> Path:

@@ -11,6 +11,9 @@ Answers are bounded too: a stream line longer than MAX_LINE, or an answer that i
 `request` is what `hubd_client.resolve` uses (the daemon found from the environment). `Endpoint` and `send` are
 the same connections, limits and error translation for one named daemon, answered as JSON, an NDJSON stream or
 raw chunks: hubd's own CLI talks to the daemon through them, so there is one HTTP client of the API.
+
+Credentials (an Authorization header) go over TCP only to a server run by a trusted user (`tcp_owner`): any
+local user may bind a loopback port while the daemon is down. Requests without them go anywhere, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from hubd_client.errors import HubdClientError
-from hubd_client.paths import UntrustedSocket, client_sockets, connect_checked
+from hubd_client.paths import UntrustedSocket, client_sockets, client_trusted_uids, connect_checked
+from hubd_client.tcp_owner import check_server
 
 #: Defaults of the client's time limits, in seconds (each read from the environment at every request).
 CONNECT_TIMEOUT = 2.0
@@ -63,7 +67,12 @@ class Unreachable(Exception):
 
 
 class Untrusted(Unreachable):
-    """Something answers, but someone other than the user, root or `hubd` could have put it there."""
+    """Something answers, but someone other than the user, root or `hubd` could have put it there; `hint` says
+    what to do (empty: the caller's own advice fits)."""
+
+    def __init__(self, why: str, hint: str = "") -> None:
+        super().__init__(why)
+        self.hint = hint
 
 
 class NotAnswering(Unreachable):
@@ -98,13 +107,23 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class _TCPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float | None) -> None:
+    def __init__(
+        self, host: str, port: int, connect_timeout: float, timeout: float | None, check_owner: bool
+    ) -> None:
         super().__init__(host, port, timeout=timeout, blocksize=_BLOCK)
         self.connect_timeout = connect_timeout
+        self.check_owner = check_owner
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-        self.sock.settimeout(self.timeout)
+        sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        try:
+            if self.check_owner:  # this very connection's far end: no other listener can slip in after the check
+                check_server(sock, self.port, client_trusted_uids())
+            sock.settimeout(self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 @dataclass(frozen=True)
@@ -117,10 +136,15 @@ class Endpoint:
     def __str__(self) -> str:
         return self.url or f"unix:{self.socket}"
 
-    def connection(self, connect_timeout: float, timeout: float | None) -> http.client.HTTPConnection:
+    def connection(
+        self, connect_timeout: float, timeout: float | None, check_owner: bool = False
+    ) -> http.client.HTTPConnection:
+        """A connection not opened yet; over TCP with `check_owner`, it refuses a server no trusted user runs (a
+        Unix socket's server is always checked)."""
         if self.url:
             parts = urlsplit(self.url)
-            return _TCPConnection(parts.hostname or "127.0.0.1", parts.port or 80, connect_timeout, timeout)
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            return _TCPConnection(host, port, connect_timeout, timeout, check_owner)
         return _UnixConnection(str(self.socket), connect_timeout, timeout)
 
 
@@ -173,7 +197,7 @@ def _translated(wait: _Wait) -> Iterator[None]:
     except PermissionError as exc:
         raise Unreachable(f"no permission to use the socket: {exc}") from None
     except UntrustedSocket as exc:
-        raise Untrusted(str(exc)) from None
+        raise Untrusted(str(exc), exc.hint) from None
 
 
 class Answer:
@@ -258,11 +282,12 @@ def send(
 
     Connecting waits HUBD_CLIENT_CONNECT_TIMEOUT; sending a file and waiting for the answer, HUBD_CLIENT_TIMEOUT
     (or `first_byte`; WAIT_FOR_EVER: no limit). Raises `Unreachable` when nothing listens, `Untrusted` for a
-    socket someone else could have put there, `NotAnswering` when a limit runs out."""
+    socket someone else could have put there (or, when `headers` carry credentials, a TCP server no trusted user
+    runs), `NotAnswering` when a limit runs out."""
     connect_timeout, default_first_byte, idle = timeouts()
     limit = default_first_byte if first_byte is None else first_byte
     read_limit = None if limit == WAIT_FOR_EVER else limit
-    connection = endpoint.connection(connect_timeout, read_limit)
+    connection = endpoint.connection(connect_timeout, read_limit, check_owner=_credentials(headers))
     payload = json.dumps(body).encode() if raw is None and body is not None else raw
     wait = _Wait(
         f"could not connect within {connect_timeout:g} s (HUBD_CLIENT_CONNECT_TIMEOUT)",
@@ -285,6 +310,10 @@ def send(
         connection.close()
         raise
     return Answer(connection, response, str(endpoint), wait)
+
+
+def _credentials(headers: dict[str, str] | None) -> bool:
+    return any(name.lower() == "authorization" for name in headers or {})
 
 
 def _headers(content_type: str, raw: bytes | IO[bytes] | None, extra: dict[str, str] | None) -> dict[str, str]:
