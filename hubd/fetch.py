@@ -31,7 +31,7 @@ from hubd.config import Settings
 from hubd.errors import ArchiveTooLarge, NotFoundUpstream, TooManyRedirects, UpstreamError, UpstreamTooSlow
 from hubd.progress import human_bytes
 
-_READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 20
 _MAX_REDIRECTS = 10
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 _SPOOL_QUEUE = 8
@@ -451,8 +451,11 @@ class Download:
         on_size: Callable[[int], Awaitable[None]] | None = None,
         on_bytes: Callable[[int], Awaitable[None]] | None = None,
         spool: ResumeSpool | None = None,
+        chunk_size: int = READ_CHUNK,
     ) -> None:
         self.session = session
+        self.chunk_size = chunk_size
+        """The most bytes read, hashed and handed to the sink at once: the grain at which a fetch can pause."""
         self.on_size = on_size
         """Awaited with the archive's size as soon as the server states it, before the body is read: the
         engine refuses there, before any byte or eviction, a download that cannot fit."""
@@ -518,7 +521,7 @@ class Download:
         self.on_progress("resume", 0, state.length)
         with spool.open_part() as part:
             while self._received < state.length:
-                chunk = await asyncio.to_thread(part.read, min(_READ_CHUNK, state.length - self._received))
+                chunk = await asyncio.to_thread(part.read, min(READ_CHUNK, state.length - self._received))
                 if not chunk:
                     break
                 await self._take(chunk)
@@ -653,7 +656,7 @@ class Download:
             deadline = asyncio.timeout(self._rate.timeout())
             try:
                 async with deadline:
-                    chunk = await response.content.read(_READ_CHUNK)
+                    chunk = await response.content.read(self.chunk_size)
             except TimeoutError:
                 if not deadline.expired():
                     raise  # aiohttp's own read timeout: retried
