@@ -39,6 +39,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from tests.hosting import Behaviour, HostingServer
 archive, paths, rate = open(sys.argv[2], "rb").read(), sys.argv[3].split(","), float(sys.argv[4])
+report_at = int(sys.argv[5])
 server = HostingServer().start()
 behaviour = Behaviour(throttle_chunk=256 * 1024, throttle_delay=0.25 / rate) if rate else None
 for path in paths:
@@ -46,7 +47,7 @@ for path in paths:
 count, reported = server._count, set()
 def report(path, size):
     count(path, size)
-    if path not in reported and server.bytes_sent[path] >= 1 << 20:
+    if path not in reported and server.bytes_sent[path] >= report_at:
         reported.add(path)
         print("sent", path, flush=True)
 server._count = report
@@ -59,9 +60,19 @@ server.stop()
 class Upstream:
     """A hosting-protocol server in a child process, serving `archive` at each of `paths`."""
 
-    def __init__(self, archive: Path, paths: list[str], rate_mib: float) -> None:
+    def __init__(self, archive: Path, paths: list[str], rate_mib: float, report_at: int = 1 << 20) -> None:
+        """`report_at`: a path is reported (on `sent`) once this many of its bytes have gone out."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", UPSTREAM, str(REPO), str(archive), ",".join(paths), str(rate_mib)],
+            [
+                sys.executable,
+                "-c",
+                UPSTREAM,
+                str(REPO),
+                str(archive),
+                ",".join(paths),
+                str(rate_mib),
+                str(report_at),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -111,6 +122,13 @@ def main() -> None:
     parser.add_argument("--rate-mib", type=float, default=0.0)
     parser.add_argument("--no-fsync", action="store_true", help="HUBD_FSYNC=0: leave the disk's share out")
     parser.add_argument(
+        "--after-mib",
+        type=float,
+        default=1.0,
+        help="resolve the small model once this many MiB of one large model have gone out: 1 (the default) lands "
+        "in the prefetch's start-up burst, half the large model's size in its steady state",
+    )
+    parser.add_argument(
         "--daemon-cpus",
         help="run the daemon alone on these CPUs (taskset list, e.g. 0,1): a small workstation whose upstreams "
         "run elsewhere; run the bench itself on the other CPUs (taskset -c 2-15 python ...)",
@@ -123,7 +141,8 @@ def main() -> None:
     small_paths = [f"small{i}/model/1" for i in range(2 * args.repeat + 1)]
     large_paths = [[f"large{r}-{i}/model/1" for i in range(10)] for r in rounds]
     small = Upstream(models["small"], small_paths, 0.0)
-    large = Upstream(models["large"], [p for batch in large_paths for p in batch], args.rate_mib)
+    report_at = int(args.after_mib * (1 << 20))
+    large = Upstream(models["large"], [p for batch in large_paths for p in batch], args.rate_mib, report_at)
     alone: list[float] = []
     busy: list[float] = []
     prefetch_s: list[float] = []
@@ -169,6 +188,7 @@ def main() -> None:
         "rate_mib_per_stream": args.rate_mib or None,
         "fsync": not args.no_fsync,
         "daemon_cpus": args.daemon_cpus,
+        "after_mib": args.after_mib,
         "repeat": args.repeat,
         "small_alone_s": statistics.median(alone),
         "small_during_prefetch_s": statistics.median(busy),
