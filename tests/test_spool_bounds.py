@@ -59,6 +59,10 @@ def _parts(settings: Settings) -> list[Path]:
     return sorted(partial.glob("*.part")) if partial.is_dir() else []
 
 
+QUICK_NOTICE = {"HUBD_STREAM_HEARTBEAT": "0.2"}
+"""A client that leaves a held pull is noticed at the stream's next write: the heartbeat's, 5 s by default."""
+
+
 def _wait_spools_closed(daemon: Daemon, settings: Settings, timeout: float = 30.0) -> None:
     """Until the daemon holds no file under partial/ open (every abandoned fetch has closed its spool)."""
     partial = str(_partial(settings))
@@ -114,12 +118,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
         daemon.stop()
 
 
-@pytest.mark.slow
 def test_many_abandoned_pulls_keep_partial_within_the_caps_and_gc_frees_them(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     cap = 8 * MiB
-    env = {"HUBD_MAX_SIZE": str(40 * MiB), "HUBD_MAX_SPOOL_BYTES": str(cap)}
+    env = {"HUBD_MAX_SIZE": str(40 * MiB), "HUBD_MAX_SPOOL_BYTES": str(cap), **QUICK_NOTICE}
     daemon = start_daemon(settings, tmp_path, env_extra=env)
     daemon_factory.append(daemon)
     tag = tmp_path.name[-12:]
@@ -148,12 +151,11 @@ def test_many_abandoned_pulls_keep_partial_within_the_caps_and_gc_frees_them(
     assert reply.status == 200, reply.body
 
 
-@pytest.mark.slow
 def test_the_byte_cap_drops_the_oldest_spool_and_never_lets_one_grow_past_it(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
     cap = 5 * MiB  # room for one 3 MiB spool, not two
-    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_MAX_SPOOL_BYTES": str(cap)})
+    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_MAX_SPOOL_BYTES": str(cap), **QUICK_NOTICE})
     daemon_factory.append(daemon)
     tag = tmp_path.name[-12:]
     for i in range(3):
@@ -184,11 +186,10 @@ def _plant(partial: Path, key: str, uid: int, size: int, age: float) -> None:
         os.utime(partial / name, (when, when))
 
 
-@pytest.mark.slow
 def test_a_new_spool_ages_out_stale_ones_keeps_other_users_and_gc_dry_run_only_reports(
     settings: Settings, hosting: HostingServer, tmp_path: Path, daemon_factory: list[Daemon]
 ) -> None:
-    daemon = start_daemon(settings, tmp_path)
+    daemon = start_daemon(settings, tmp_path, env_extra=QUICK_NOTICE)
     daemon_factory.append(daemon)
     partial = _partial(settings)
     _plant(partial, "a" * 32, 4242, 1000, age=SPOOL_MAX_AGE + 3600)  # planted after start: only a trim drops it
@@ -231,12 +232,11 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.mark.slow
 def test_spools_filling_the_disk_do_not_refuse_another_users_fetch(
     settings: Settings, hosting: HostingServer, tmp_path: Path, small_fs: Path, daemon_factory: list[Daemon]
 ) -> None:
     settings = settings.model_copy(update={"cache_dir": small_fs / "cache"})
-    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_MAX_SPOOL_BYTES": str(16 * MiB)})
+    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_MAX_SPOOL_BYTES": str(16 * MiB), **QUICK_NOTICE})
     daemon_factory.append(daemon)
     tag = tmp_path.name[-12:]
     for i in range(4):
