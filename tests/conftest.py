@@ -97,12 +97,13 @@ def settings(tmp_path: Path, hosting: HostingServer) -> Settings:
     )
 
 
-def run_on_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
-    """Run `cmd` with stderr on a pseudo-terminal: (exit code, what the terminal showed, stdout)."""
+def run_on_terminal(cmd: list[str], env: dict[str, str], stdout_too: bool = False) -> tuple[int, bytes, bytes]:
+    """Run `cmd` with stderr (and with `stdout_too` stdout, as in a shell) on a pseudo-terminal:
+    (exit code, what the terminal showed, stdout when it was a pipe)."""
     import pty
 
     master, terminal = pty.openpty()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=terminal)
+    proc = subprocess.Popen(cmd, env=env, stdout=terminal if stdout_too else subprocess.PIPE, stderr=terminal)
     os.close(terminal)
     drawn = b""
     while True:
@@ -115,7 +116,7 @@ def run_on_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, by
         drawn += chunk
     stdout, _ = proc.communicate(timeout=120)
     os.close(master)
-    return proc.returncode, drawn, stdout
+    return proc.returncode, drawn, stdout or b""
 
 
 def cli_env(settings: Settings) -> dict[str, str]:

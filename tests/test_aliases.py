@@ -103,6 +103,12 @@ def test_two_manifests_giving_one_name_to_different_models_is_an_error_naming_bo
         assert entry["handles"] == [f"tfhub.dev/{first}"]
 
 
+def cli_as_root(settings: Settings, d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """`hubd ARGS` as the test's own user (root, an admin) through the daemon `d`."""
+    env = {**cli_env(settings), "HUBD_SOCKET": str(d.socket_path)}
+    return subprocess.run([sys.executable, "-m", "hubd", *args], env=env, capture_output=True, text=True)
+
+
 def test_rm_of_a_pinned_model_needs_force_and_names_the_manifest(
     settings: Settings, upstream: Upstream, victim: LocalUser, tmp_path: Path
 ) -> None:
@@ -112,19 +118,12 @@ def test_rm_of_a_pinned_model_needs_force_and_names_the_manifest(
     )
     with workstation(settings, victim) as d:
         assert prefetch(d, settings, course).returncode == 0
-        env = {**cli_env(settings), "HUBD_SOCKET": str(d.socket_path)}
-
-        def rm(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "hubd", "rm", *args], env=env, capture_output=True, text=True
-            )
-
-        refused = rm("reuse128")
+        refused = cli_as_root(settings, d, "rm", "reuse128")
         assert refused.returncode == 1
         assert refused.stderr.startswith("hubd: error:") and str(course) in refused.stderr, refused.stderr
         assert "--force" in refused.stderr
         assert d.request("POST", "/v1/resolve", {"handle": "reuse128"}).status == 200  # still there
-        forced = rm("reuse128", "--force")
+        forced = cli_as_root(settings, d, "rm", "reuse128", "--force")
         assert forced.returncode == 0, forced.stderr
         assert d.request("GET", "/v1/models").json()["models"] == []
 
@@ -139,15 +138,10 @@ def test_unpin_names_what_pinned_it_and_lets_rm_go_without_force(
     with workstation(settings, victim) as d:
         assert prefetch(d, settings, course).returncode == 0
         assert cli_as(victim, d, "unpin", "reuse128").returncode == 1  # admins only
-        env = {**cli_env(settings), "HUBD_SOCKET": str(d.socket_path)}
-        unpinned = subprocess.run(
-            [sys.executable, "-m", "hubd", "unpin", "reuse128"], env=env, capture_output=True, text=True
-        )
+        unpinned = cli_as_root(settings, d, "unpin", "reuse128")
         assert unpinned.returncode == 0, unpinned.stderr
         assert str(course) in unpinned.stdout
-        removed = subprocess.run(
-            [sys.executable, "-m", "hubd", "rm", "reuse128"], env=env, capture_output=True, text=True
-        )
+        removed = cli_as_root(settings, d, "rm", "reuse128")
         assert removed.returncode == 0, removed.stderr
         trail = [(r["action"], r["uid"]) for r in d.request("GET", "/v1/audit").json()["records"]]
         assert trail[-2:] == [("unpin", 0), ("delete", 0)]

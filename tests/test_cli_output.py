@@ -4,7 +4,6 @@ their own lines, shell completion."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,22 +27,8 @@ def pull(upstream: Upstream) -> list[str]:
 
 def run_all_on_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, bytes]:
     """Run `cmd` with stdout and stderr on one pseudo-terminal, as in a shell: (exit code, what it showed)."""
-    import pty
-
-    master, terminal = pty.openpty()
-    proc = subprocess.Popen(cmd, env=env, stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # the terminal closes when the process exits
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
-    return proc.wait(120), shown
+    code, shown, _ = run_on_terminal(cmd, env, stdout_too=True)
+    return code, shown
 
 
 def test_the_bar_shows_rate_and_time_remaining(settings: Settings, upstream: Upstream) -> None:

@@ -24,6 +24,7 @@ from hubd.engine import Engine
 from tests.conftest import REPO, Upstream, cli_env, run
 from tests.daemon import start_daemon
 from tests.hosting import Behaviour
+from tests.raw_http import read_request
 
 
 class SilentDaemon:
@@ -231,7 +232,7 @@ class CannedDaemon:
                 return
             with conn:
                 try:
-                    _read_request(conn)
+                    read_request(conn)
                     conn.sendall(self.head + self.body)
                     while self.keepalive:
                         conn.sendall(b"\n")
@@ -241,20 +242,6 @@ class CannedDaemon:
 
     def close(self) -> None:
         self.listener.close()
-
-
-def _read_request(conn: socket.socket) -> None:
-    """The whole request (line, headers and body), so answering never meets a client still sending."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"),
-        0,
-    )
-    while len(body) < length:
-        body += conn.recv(65536)
 
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"

@@ -15,6 +15,7 @@ from hubd_client import transport
 from hubd.api_client import DaemonClient
 from hubd.config import Settings
 from hubd.errors import AnswerBrokenOff, DaemonNotAnswering
+from tests.raw_http import read_request
 
 
 class Canned:
@@ -36,7 +37,7 @@ class Canned:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            self.requests.append(_read_request(conn))
+            self.requests.append(read_request(conn))
             if self.answer is None:
                 self.held.append(conn)
                 continue
@@ -47,20 +48,6 @@ class Canned:
         self.listener.close()
         for conn in self.held:
             conn.close()
-
-
-def _read_request(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"),
-        0,
-    )
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 Serve = Callable[[bytes | None], Canned]
