@@ -43,7 +43,7 @@ from typing import Any
 from hubd_client.layout import CacheLayout, is_digest
 from hubd_client.paths import cache_dir_problem, system_uids
 
-from hubd.errors import CollectorBusy, HubdError, UntrustedCache  # noqa: F401  (defined in errors.py, raised here)
+from hubd.errors import CollectorBusy, UntrustedCache
 from hubd.tree import TreeListing
 
 _CACHEDIR_TAG = (

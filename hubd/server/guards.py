@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hubd.errors import BadRequest, Forbidden, HubdError, MisdirectedHost, RequestTimeout  # noqa: F401  (defined in errors.py, raised here)
+from hubd.errors import BadRequest, Forbidden, MisdirectedHost
 from hubd.server.namespaces import same_namespaces
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
