@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from hubd_client.layout import LAYOUT_VERSION, VERSION_FILE
 
-from hubd.errors import LayoutTooNew  # re-exported: tests/unit/test_layout.py imports it from here
+from hubd.errors import LayoutTooNew
 
 if TYPE_CHECKING:
     from hubd.store import Store
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LAYOUT_VERSION",
     "VERSION_FILE",
-    "LayoutTooNew",
     "Migration",
     "open_cache",
     "open_layout",

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from hubd_client.handles import AnyHost, parse_handle
 
-from hubd.layout import LAYOUT_VERSION, VERSION_FILE, LayoutTooNew, open_layout, read_version
+from hubd.errors import LayoutTooNew
+from hubd.layout import LAYOUT_VERSION, VERSION_FILE, open_layout, read_version
 from hubd.store import ObjectMeta, Store
 from tests.unit.trees import meta_of, ref_to, write_tree
 
