@@ -36,7 +36,7 @@ from hubd.inflate import (
 from hubd.parallel_inflate import ParallelInflate, ParallelInflateFailed, choose_threads
 from hubd.tree import TreeListing
 
-_QUEUE_CHUNKS = 8
+QUEUE_CHUNKS = 8
 _EOF = b""
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class StreamingExtraction:
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._saw_eof = False
         self._stopped = False
-        self._slots = asyncio.Semaphore(_QUEUE_CHUNKS)
+        self._slots = asyncio.Semaphore(QUEUE_CHUNKS)
         self._done: asyncio.Future[TreeListing] = self._loop.create_future()
         self._threads = 0  # set by `expect` before the first chunk: 0 streams
         self.inflated_by = ""
@@ -226,7 +226,7 @@ class StreamingExtraction:
             else:
                 self._done.cancel()
         # Wake a feed() waiting for a slot that will never be freed by the (now finished) thread.
-        for _ in range(_QUEUE_CHUNKS):
+        for _ in range(QUEUE_CHUNKS):
             self._slots.release()
 
     async def feed(self, chunk: bytes) -> bool:
