@@ -26,6 +26,7 @@ from typing import Any, Self, cast
 
 from hubd.errors import ArchiveTooLarge, DiskFull, NotAnArchive, UnsafeArchive
 from hubd.tree import CONTROL_CHARS, PROTECTED_DIR, PROTECTED_FILES, FileRecord, TreeListing
+from hubd.writeback import WRITEBACK_STEP, start_writeback
 
 __all__ = ["SafeExtractor"]
 
@@ -215,12 +216,15 @@ class SafeExtractor:
         digest = hashlib.sha256()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.dest / name, flags, 0o644)
-        written = 0
+        written = flushed = 0
         try:
             for piece in _member_data(source, member):
                 digest.update(piece)  # hashlib and os.write release the GIL on pieces this large
                 _write_all(fd, piece)
                 written += len(piece)
+                if self.fsync and written - flushed >= WRITEBACK_STEP:
+                    start_writeback(fd, flushed, written - flushed)  # the fsync below then waits for little
+                    flushed = written
             if self.fsync:
                 os.fsync(fd)
         finally:
