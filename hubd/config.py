@@ -152,7 +152,12 @@ class Settings(BaseSettings):
     mirror_listen: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Serve the TF Hub hosting protocol for cached models on HOST:PORT."
     )
-    prefetch_concurrency: int = Field(4, ge=1, le=64)
+    prefetch_concurrency: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Models of one manifest fetched at once, at most; beyond the first only while a core is idle.",
+    )
     max_connections: int = Field(512, ge=1, description="Open API connections at once; more are refused (503).")
     max_connections_per_user: int = Field(
         64, ge=1, description="Open API connections one uid may hold on the socket; more are refused (503)."

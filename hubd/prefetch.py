@@ -13,6 +13,7 @@ from hubd.engine import Engine
 from hubd.errors import HubdError
 from hubd.events import DoneEvent, ErrorDetail, ErrorEvent, ProgressEvent, SummaryEvent
 from hubd.manifest import ManifestEntry
+from hubd.prefetch_gate import PrefetchGate
 
 log = logging.getLogger("hubd.prefetch")
 
@@ -34,7 +35,7 @@ async def resolve_many(
     manifest), so `hubd rm` can say which manifest wants a model.
     """
     events = _Events()
-    limit = asyncio.Semaphore(engine.settings.prefetch_concurrency)
+    limit = PrefetchGate(engine.settings.prefetch_concurrency)  # the second and later only with a core to spare
     failures: list[ErrorEvent] = []
     done = 0
 
