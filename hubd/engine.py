@@ -49,7 +49,7 @@ from hubd.errors import (
     UpstreamError,
     VerificationFailed,
 )
-from hubd.eviction import GcReport, collect, unevictable_bytes
+from hubd.eviction import GcReport, collect, fits_without_eviction, unevictable_bytes
 from hubd.executors import HIT_CHECKS, WAITS, coalesced, run_in
 from hubd.fetch import (
     READ_CHUNK,
@@ -549,7 +549,8 @@ class Engine:
             )
             if self.settings.max_size is not None:  # resume spools (partial/) count against the quota too
                 models = max(0, self.settings.max_size - await asyncio.to_thread(self.spool_bytes))
-                await asyncio.to_thread(collect, self, models, False, frozenset({meta.digest}))
+                if not await asyncio.to_thread(fits_without_eviction, self, models):  # else nothing to evict
+                    await asyncio.to_thread(collect, self, models, False, frozenset({meta.digest}))
             return self.entry_for(meta, last_used=time.time())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -834,14 +835,20 @@ class _Room:
         self.engine = engine
         self.floor: int | None = None
         """Bytes of pinned and recently used models, which no eviction may remove."""
+        self.published: int | None = None
+        """Bytes of every published model, by the index (read once: None until then, or when it cannot tell)."""
+        self._published_read = False
 
     async def check(self, announced: int) -> None:
         """Refuse, before its first byte, a download that cannot fit. Resume spools (partial/) count against
         the quota and the disk, but idle ones are dropped, oldest first, before anything is refused."""
         engine, quota = self.engine, self.engine.settings.max_size
         if quota is not None:
-            floor = await asyncio.to_thread(unevictable_bytes, engine)
             spools = await asyncio.to_thread(engine.spool_bytes)
+            if await asyncio.to_thread(fits_without_eviction, engine, quota, spools + announced):
+                floor = 0  # it fits beside everything published: what may not be evicted does not matter
+            else:
+                floor = await asyncio.to_thread(unevictable_bytes, engine)
             if floor + spools + announced > quota:
                 spools -= await asyncio.to_thread(engine.free_spools, floor + spools + announced - quota)
             if floor + spools + announced > quota:
@@ -875,6 +882,10 @@ class _Room:
         quota = self.engine.settings.max_size
         if quota is None:
             return
+        if not self._published_read:
+            self.published, self._published_read = await asyncio.to_thread(self.engine.index.size_bytes), True
+        if self.published is not None and self.published + size <= quota:
+            return  # fits beside everything published: no need to know what may not be evicted
         if self.floor is None or self.floor + size > quota:  # re-read only when it matters
             self.floor = await asyncio.to_thread(unevictable_bytes, self.engine)
         if self.floor + size > quota:

@@ -321,6 +321,14 @@ def execute(cache: Cache, the_plan: GcPlan, found: Found) -> None:
         cache.index.forget_all(gone, unbound)
 
 
+def fits_without_eviction(cache: Cache, quota: int, adding: int = 0) -> bool:
+    """Whether every published model plus `adding` bytes is within `quota` by the index's totals row: one row,
+    no reading of every meta and ref, so a fetch into a cache under its quota costs the same at 100,000 entries
+    as at 10. False when the index cannot tell (then the caller gathers from the files)."""
+    size = cache.index.size_bytes()
+    return size is not None and size + adding <= quota
+
+
 def unevictable_bytes(cache: Cache, protect: frozenset[str] = frozenset()) -> int:
     """What the cache holds that no eviction may remove now: pinned and recently used models."""
     state, _found = gather(cache)

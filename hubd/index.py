@@ -493,6 +493,12 @@ class Index:
         none: list[str] = []
         return self._guarded("reading names", op, none, write=False)
 
+    def size_bytes(self) -> int | None:
+        """Bytes of every entry recorded, from the totals row; None when the index cannot tell (no totals row
+        yet, or a database error), so a caller falls back to the files."""
+        found: Totals | None = self._guarded("reading totals", lambda: self._cache.get(_TOTALS), None, write=False)
+        return int(found["size_bytes"]) if found is not None else None
+
     def totals(self) -> Totals:
         """Entries, bytes and per-uid usage of every entry recorded (one row)."""
         found: Totals | None = self._guarded("reading totals", lambda: self._cache.get(_TOTALS), None, write=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import hubd.eviction
 from hubd.config import Settings
 from hubd.engine import Engine
 from hubd.errors import CollectorBusy
@@ -222,6 +223,33 @@ def test_room_is_made_only_once_the_model_is_published(
     assert present[0][1:] == (True, True) and present[0][0] < len(upstream.models["large_4mb"])
     assert present[-1] == (len(upstream.models["large_4mb"]), True, True)
     assert not Path(first.path).exists() and Path(second.path).exists()
+
+
+def test_a_fetch_into_a_cache_under_its_quota_reads_no_other_entry(
+    quota_settings: Settings, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100,000 entries reading every meta and ref took ~10 s per fetch under a quota (1 s at 10,000); the
+    index's totals row answers "does it fit?" when nothing needs evicting, and only an eviction gathers."""
+    first = resolve(quota_settings, tfhub(upstream.publish("reusable")))
+    gathered: list[str] = []
+    real_gather = hubd.eviction.gather
+
+    def counting_gather(*args: Any, **kwargs: Any) -> Any:
+        gathered.append("gather")
+        return real_gather(*args, **kwargs)
+
+    monkeypatch.setattr(hubd.eviction, "gather", counting_gather)
+    second = resolve(
+        quota_settings.model_copy(update={"max_size": 10 * first.size_bytes}),
+        tfhub(upstream.publish("text_embedding")),
+    )
+    assert gathered == [] and Path(first.path).is_dir() and Path(second.path).is_dir()
+    third = resolve(
+        quota_settings.model_copy(update={"max_size": first.size_bytes + second.size_bytes}),
+        tfhub(upstream.publish("signature_only")),
+    )
+    assert gathered  # over the quota: the files were read and the least recently used went
+    assert not Path(first.path).exists() and Path(second.path).is_dir() and Path(third.path).is_dir()
 
 
 def test_pinned_entries_are_never_evicted(quota_settings: Settings, upstream: Upstream) -> None:
