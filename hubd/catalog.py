@@ -14,13 +14,15 @@ path, a URL or a model id. It is looked up in memory, never on the filesystem.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,19 +99,25 @@ class Catalog:
     def _users_of(self, digest: str) -> frozenset[int]:
         known = self._users.get(digest)
         if known is None:
-            try:
-                known = frozenset(int(u) for u in json.loads(self._users_file(digest).read_text())["uids"])
-            except (OSError, ValueError, KeyError, TypeError):
-                known = frozenset()
-            self._users[digest] = known
+            known = self._users[digest] = self._read_users(digest)
         return known
 
+    def _read_users(self, digest: str) -> frozenset[int]:
+        try:
+            return frozenset(int(u) for u in json.loads(self._users_file(digest).read_text())["uids"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return frozenset()
+
     def attribute(self, digest: str, uid: int | None) -> None:
-        """Record that `uid` asked for the object (once per uid; a failure to write is only logged)."""
+        """Record that `uid` asked for the object (once per uid; a failure to write is only logged).
+
+        The record is read again under a lock shared with every process on the cache before it is rewritten:
+        the daemon and an in-process `hubd pull` each remember the uids they have seen, and rewriting from that
+        memory alone dropped the uids the other process had added since."""
         if uid is None or uid in self._users_of(digest):
             return
-        with self._lock:
-            uids = self._users_of(digest) | {uid}
+        with self._lock, _flocked(self.layout.lock("users")):
+            uids = self._read_users(digest) | self._users_of(digest) | {uid}
             try:
                 self._write(self._users_file(digest), {"uids": sorted(uids)}, 0o600)
             except OSError as exc:
@@ -181,6 +189,17 @@ class Catalog:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+@contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600 if missing), for the processes that share the cache."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def claims_of(items: Iterable[tuple[str | None, str, str | None]], canonical: Callable[[str], str]) -> list[Claim]:
