@@ -35,7 +35,9 @@ async def resolve_many(
     manifest), so `hubd rm` can say which manifest wants a model.
     """
     events = _Events()
-    limit = PrefetchGate(engine.settings.prefetch_concurrency)  # the second and later only with a core to spare
+    concurrency = engine.settings.prefetch_concurrency
+    # A prefetch starts its second and later fetches only with a core to spare; a pull someone waits for, at once.
+    limit = asyncio.Semaphore(concurrency) if interactive else PrefetchGate(concurrency)
     failures: list[ErrorEvent] = []
     done = 0
 
