@@ -494,10 +494,18 @@ class Index:
         return self._guarded("reading names", op, none, write=False)
 
     def size_bytes(self) -> int | None:
-        """Bytes of every entry recorded, from the totals row; None when the index cannot tell (no totals row
-        yet, or a database error), so a caller falls back to the files."""
+        """Bytes of every entry recorded, from the totals row, if that row counts as many entries as meta/ holds
+        files; None when the index cannot tell, so a caller falls back to the files.
+
+        It cannot tell without a totals row, on a database error, or when the count disagrees: a model another
+        process published beside the daemon and died before indexing (`hubd pull` in its own process on the
+        daemon's cache), a publish a rebuild's final totals overwrote, an index write that was skipped. Such a row
+        under-reports, and a quota trusting it would let the cache grow past it unnoticed. The check is one
+        listing of meta/ (`Store.meta_digests`, reused while meta/ is unchanged), not a read of every meta."""
         found: Totals | None = self._guarded("reading totals", lambda: self._cache.get(_TOTALS), None, write=False)
-        return int(found["size_bytes"]) if found is not None else None
+        if found is None or int(found["entries"]) != len(self.store.meta_digests()):
+            return None
+        return int(found["size_bytes"])
 
     def totals(self) -> Totals:
         """Entries, bytes and per-uid usage of every entry recorded (one row)."""

@@ -1,0 +1,76 @@
+"""Attacks on the day's changes: the quota's totals row (a fetch under its quota no longer reads every meta),
+the prefetch CPU gate, and the writeback kick during extraction. Real daemons, a real hosting server, real
+in-process `hubd` processes on the same cache; the gate's scheduling with its own event loop."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from hubd.config import Settings
+from hubd.store import Store
+from tests import hostile
+from tests.conftest import Upstream, cli_env
+from tests.daemon import Daemon, start_daemon
+
+WEIGHTS = 256 << 10
+"""Each synthetic model's weights: the quota below is counted in these."""
+
+
+def _model(seed: bytes, weights: int = WEIGHTS) -> bytes:
+    """A small SavedModel-shaped archive whose weights (and so digest) differ by `seed`."""
+    block = hashlib.sha256(seed).digest() * (1 << 10)  # 32 KiB, cheap to make, distinct per seed
+    data = (block * (weights // len(block) + 1))[:weights]
+    return hostile._tar(
+        [
+            *hostile.saved_model_members(),
+            hostile._file("variables/variables.index", b"index"),
+            hostile._file("variables/variables.data-00000-of-00001", data),
+        ]
+    )
+
+
+def _resolve(daemon: Daemon, handle: str) -> dict[str, object]:
+    reply = daemon.request("POST", "/v1/resolve", {"handle": handle})
+    assert reply.status == 200, reply.body
+    body: dict[str, object] = reply.json()
+    return body
+
+
+def _published_bytes(cache: Path) -> int:
+    """What the published models take by the files (the source of truth), not by the index."""
+    store = Store(cache, fsync=False)
+    present = store.object_digests()
+    return sum(meta.size_bytes for meta in store.iter_meta() if meta.digest in present)
+
+
+# -- the quota: can the totals row under-report, so that nothing is evicted? --------------------------------------
+
+
+def test_a_crashed_in_process_pull_beside_the_daemon_cannot_take_the_cache_past_its_quota(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    """`hubd pull` works in its own process when no daemon answers its socket (a per-user daemon restarting, a
+    HUBD_SOCKET that differs) on the very cache the daemon serves. Killed between its publish and its index
+    update, it leaves a model the daemon's totals row never counts: the daemon must still find it over quota
+    (before the totals row, every fetch with a quota read the files; with the row alone it evicted nothing)."""
+    a, b, c = (f"https://tfhub.dev/{upstream.publish(_model(name))}" for name in (b"a", b"b", b"c"))
+    quota = WEIGHTS * 5 // 2  # two models fit, three do not
+    env = {"HUBD_MAX_SIZE": str(quota), "HUBD_GC_GRACE": "0"}
+    daemon = start_daemon(settings, tmp_path, env_extra=env)
+    try:
+        _resolve(daemon, a)
+        crashed = subprocess.run(
+            [sys.executable, "-m", "hubd", "pull", "-q", b],
+            env={**cli_env(settings), **env, "HUBD_TEST_FAULT": "kill:done"},  # killed before its index update
+            capture_output=True,
+            timeout=120,
+        )
+        assert crashed.returncode == -9, crashed.stderr
+        assert len(Store(settings.cache_dir, fsync=False).object_digests()) == 2  # a's, and b's on disk
+        _resolve(daemon, c)
+        assert _published_bytes(settings.cache_dir) <= quota, daemon.log()
+    finally:
+        daemon.stop()
