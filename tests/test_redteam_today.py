@@ -7,13 +7,19 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from hubd.config import Settings
-from hubd.store import Store
+from hubd.index import Index
+from hubd.layout import open_cache
+from hubd.store import ObjectMeta, Store
 from tests import hostile
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon, start_daemon
+from tests.unit.test_index import published
 
 WEIGHTS = 256 << 10
 """Each synthetic model's weights: the quota below is counted in these."""
@@ -74,3 +80,30 @@ def test_a_crashed_in_process_pull_beside_the_daemon_cannot_take_the_cache_past_
         assert _published_bytes(settings.cache_dir) <= quota, daemon.log()
     finally:
         daemon.stop()
+
+
+def test_a_publish_that_lands_while_the_index_is_rebuilt_never_makes_the_totals_under_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild (a corrupt or replaced index, repaired while the daemon serves) lists meta/, then writes the
+    totals it counted; a publish whose index update lands in between is overwritten out of the totals row while
+    its entry row stays. The row may then say less than the files hold: it must not be believed. The interleaving
+    is forced in one thread, where the rebuild's listing ends."""
+    store = open_cache(Store(tmp_path / "cache", fsync=False))
+    index = Index(store)
+    index.rebuild_if_needed()
+    index.record(published(store, 1, "tfhub.dev/a/one/1"))
+    listed = store.iter_meta
+    late: list[ObjectMeta] = []
+
+    def listing_then_a_publish() -> Iterator[ObjectMeta]:
+        yield from listed()
+        late.append(published(store, 2, "tfhub.dev/a/two/1"))  # another fetch publishes and indexes now
+        index.record(late[0])
+
+    monkeypatch.setattr(store, "iter_meta", listing_then_a_publish)
+    index.rebuild()
+    monkeypatch.undo()
+    assert late and index.summary(late[0].digest) is not None
+    by_files = sum(meta.size_bytes for meta in store.iter_meta())
+    assert index.size_bytes() in (None, by_files)
