@@ -18,8 +18,9 @@ from hubd.layout import open_cache
 from hubd.store import ObjectMeta, Store
 from tests import hostile
 from tests.conftest import Upstream, cli_env
-from tests.daemon import Daemon, start_daemon
+from tests.daemon import Daemon, UnixHTTPConnection, call, start_daemon
 from tests.unit.test_index import published
+from tests.users import LocalUser, shared_dir
 
 WEIGHTS = 256 << 10
 """Each synthetic model's weights: the quota below is counted in these."""
@@ -107,3 +108,59 @@ def test_a_publish_that_lands_while_the_index_is_rebuilt_never_makes_the_totals_
     assert late and index.summary(late[0].digest) is not None
     by_files = sum(meta.size_bytes for meta in store.iter_meta())
     assert index.size_bytes() in (None, by_files)
+
+
+HOLD_THE_WAL_WRITE_LOCK = """
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)  # the WAL-index's write-lock byte: no writer begins
+except OSError as exc:
+    print("refused", exc, flush=True)
+else:
+    print("locked", flush=True)
+sys.stdin.read()  # held until the test closes stdin
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="index/ is 0755 and SQLite's cache.db-shm 0644: any local user may lock it (make index/ 0700)",
+)
+def test_a_local_user_cannot_stall_every_publish_and_hit_by_locking_the_index(
+    settings: Settings, upstream: Upstream, attacker: LocalUser, tmp_path: Path
+) -> None:
+    """The index is only the daemon's: no client reads it. But its directory is world-readable, and a POSIX read
+    lock on one byte of cache.db-shm (opened read-only) keeps every SQLite writer out; diskcache retries a
+    transaction forever, so each fetch stalls in its publish and each hit in its index update for as long as the
+    attacker likes (found while attacking the quota's totals row through the index's permissions)."""
+    with shared_dir() as public:
+        shared = settings.model_copy(update={"cache_dir": public / "cache"})
+        daemon = start_daemon(shared, tmp_path)
+        try:
+            cached, new = (f"https://tfhub.dev/{upstream.publish(_model(name))}" for name in (b"hit", b"miss"))
+            _resolve(daemon, cached)
+            with subprocess.Popen(
+                ["/usr/bin/python3", "-c", HOLD_THE_WAL_WRITE_LOCK, str(public / "cache/index/cache.db-shm")],
+                user=attacker.uid,
+                group=attacker.gid,
+                extra_groups=[],
+                env={"PATH": "/usr/bin:/bin", "HOME": str(attacker.home)},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            ) as holder:
+                try:
+                    assert holder.stdout is not None and holder.stdout.readline()  # locked, or refused
+                    for handle in (new, cached):
+                        conn = UnixHTTPConnection(str(daemon.socket_path), timeout=4)  # a hit takes milliseconds
+                        try:
+                            reply = call(conn, "POST", "/v1/resolve", {"handle": handle})
+                        finally:
+                            conn.close()
+                        assert reply.status == 200, reply.body
+                finally:
+                    holder.kill()
+        finally:
+            daemon.stop()
