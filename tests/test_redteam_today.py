@@ -4,6 +4,7 @@ in-process `hubd` processes on the same cache; the gate's scheduling with its ow
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from hubd.config import Settings
 from hubd.index import Index
 from hubd.layout import open_cache
+from hubd.prefetch_gate import CpuMeter, PrefetchGate
 from hubd.store import ObjectMeta, Store
 from tests import hostile
 from tests.conftest import Upstream, cli_env
@@ -164,3 +166,78 @@ def test_a_local_user_cannot_stall_every_publish_and_hit_by_locking_the_index(
                     holder.kill()
         finally:
             daemon.stop()
+
+
+# -- the prefetch gate: can a waiting prefetch leak a slot, or wait forever? ------------------------------------
+
+
+class _Busy(CpuMeter):
+    """A daemon whose CPU someone else keeps busy: the gate never sees a core to spare."""
+
+    def __init__(self) -> None:
+        pass
+
+    def cores_busy(self) -> float | None:
+        return 1.9
+
+
+async def _hold(gate: PrefetchGate, entered: asyncio.Event, leave: asyncio.Event) -> None:
+    async with gate:
+        entered.set()
+        await leave.wait()
+
+
+def test_prefetches_cancelled_while_they_wait_at_the_gate_or_run_leave_no_slot_taken() -> None:
+    """A client that disconnects cancels its prefetch's fetches (`resolve_many` cancels its worker): those
+    waiting at the gate, whatever point of their poll the cancel reaches (even as the poll's own timeout fires),
+    must end cancelled without taking a slot, and those running must give theirs back."""
+
+    async def scenario() -> None:
+        gate = PrefetchGate(limit=4, cores=2, meter=_Busy(), poll=0.0005, stalled_after=3600)
+        leave = asyncio.Event()
+        first_in = asyncio.Event()
+        first = asyncio.create_task(_hold(gate, first_in, leave))
+        await first_in.wait()
+        for turns in range(60):  # cancel at every point of a waiter's polling loop
+            waiter_in = asyncio.Event()
+            waiter = asyncio.create_task(_hold(gate, waiter_in, leave))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            assert waiter.cancelled() and not waiter_in.is_set()
+            assert gate._running == 1
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        assert gate._running == 0
+        again = asyncio.Event()
+        after = asyncio.create_task(_hold(gate, again, leave))
+        await asyncio.wait_for(again.wait(), 10)  # nothing was leaked: the next fetch starts at once
+        leave.set()
+        await after
+
+    asyncio.run(scenario())
+
+
+def test_a_fetch_stuck_on_a_slow_upstream_does_not_hold_back_the_rest_of_a_busy_daemons_prefetch() -> None:
+    """An upstream may dribble a byte each `read_timeout` and keep one fetch alive indefinitely; with the
+    daemon's CPU busy (other users' work) the gate admitted nothing else while it ran, so every other model of
+    the manifest waited behind it (with the semaphore before, three of them kept moving). A fetch that neither
+    ends nor lets another start for `stalled_after` seconds lets the next one in."""
+
+    async def scenario() -> None:
+        now = [1000.0]
+        gate = PrefetchGate(limit=4, cores=2, meter=_Busy(), poll=0.001, stalled_after=30.0, clock=lambda: now[0])
+        stuck_in, second_in, leave = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        stuck = asyncio.create_task(_hold(gate, stuck_in, leave))
+        await stuck_in.wait()
+        second = asyncio.create_task(_hold(gate, second_in, leave))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not second_in.is_set()  # busy: the second waits, as the gate intends
+        now[0] += 30.0  # the first has neither ended nor let anything start for that long
+        await asyncio.wait_for(second_in.wait(), 10)
+        leave.set()
+        await asyncio.gather(stuck, second)
+
+    asyncio.run(scenario())
