@@ -5,7 +5,11 @@ in-process `hubd` processes on the same cache; the gate's scheduling with its ow
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
+import itertools
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ from hubd.index import Index
 from hubd.layout import open_cache
 from hubd.prefetch_gate import CpuMeter, PrefetchGate
 from hubd.store import ObjectMeta, Store
+from hubd.writeback import WRITEBACK_STEP
 from tests import hostile
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon, UnixHTTPConnection, call, start_daemon
@@ -241,3 +246,76 @@ def test_a_fetch_stuck_on_a_slow_upstream_does_not_hold_back_the_rest_of_a_busy_
         await asyncio.gather(stuck, second)
 
     asyncio.run(scenario())
+
+
+# -- the writeback kick: exact content around its 16 MiB steps, on the descriptors being written ----------------
+
+STEP = WRITEBACK_STEP
+SIZES = {"under": STEP - 1, "at": STEP, "over": STEP + 1, "two_under": 2 * STEP - 1, "two_over": 2 * STEP + 1}
+"""Files just under, at and over one and two writeback steps."""
+
+
+def _blocks(seed: bytes, size: int) -> bytes:
+    """`size` bytes of 4 KiB blocks that each name their file and position: any block written twice, dropped or
+    moved changes the file's digest (and they compress, so the archive is quick to build)."""
+    count = (size + 4095) // 4096
+    return b"".join(seed.ljust(8, b".") + index.to_bytes(8, "big") * 511 for index in range(count))[:size]
+
+
+@pytest.mark.slow
+def test_files_around_each_writeback_step_are_published_exactly_and_kicked_only_where_written(
+    settings: Settings, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Through a real daemon with fsync on (the only case that kicks writeback), on this disk: every file's bytes
+    are the archive's, and (traced with strace where it is installed) every sync_file_range the daemon made
+    named the start of a file's bytes or continued where the last stopped, a step or more at a time, within the
+    file, and succeeded."""
+    contents = {name: _blocks(name.encode(), size) for name, size in SIZES.items()}
+    members = [hostile._file(f"variables/{name}.bin", data) for name, data in contents.items()]
+    raw = hostile._tar(
+        [
+            *hostile.saved_model_members(),
+            hostile._file("variables/variables.index", b"i"),
+            hostile._file("variables/variables.data-00000-of-00001", b"d"),
+            *members,
+        ],
+        compress=False,
+    )
+    handle = f"https://tfhub.dev/{upstream.publish(gzip.compress(raw, 1))}"
+    trace = tmp_path / "sync_file_range.trace"
+    strace = shutil.which("strace")
+    daemon = start_daemon(settings.model_copy(update={"fsync": True}), tmp_path, env_extra={"HUBD_FSYNC": "1"})
+    try:
+        tracer = None
+        if strace is not None:  # attached to every thread of the running daemon; it says so on stderr
+            command = [strace, "-f", "-p", str(daemon.proc.pid), "-e", "trace=sync_file_range", "-o", str(trace)]
+            tracer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+            assert tracer.stderr is not None and "attached" in tracer.stderr.readline()
+        try:
+            entry = _resolve(daemon, handle)
+        finally:
+            if tracer is not None:
+                tracer.terminate()  # detaches, leaving the daemon running
+                tracer.communicate(timeout=30)
+    finally:
+        daemon.stop()
+    tree = Path(str(entry["path"]))
+    for name, data in contents.items():
+        on_disk = (tree / "variables" / f"{name}.bin").read_bytes()
+        assert len(on_disk) == len(data) and hashlib.sha256(on_disk).digest() == hashlib.sha256(data).digest(), (
+            name
+        )
+    if strace is None:
+        return
+    kicks = [
+        (int(offset), int(length), result)
+        for offset, length, result in re.findall(
+            r"sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = (\S+)", trace.read_text()
+        )
+    ]
+    assert all(result == "0" for _, _, result in kicks), kicks
+    assert all(length >= STEP and offset + length <= max(SIZES.values()) for offset, length, _ in kicks), kicks
+    starts = [index for index, (offset, _, _) in enumerate(kicks) if offset == 0]
+    assert len(starts) == sum(size >= STEP for size in SIZES.values()), kicks  # one run of kicks per large file
+    for (last_offset, last_length, _), (offset, _, _) in itertools.pairwise(kicks):
+        assert offset in (0, last_offset + last_length), kicks  # a file's next kick goes on from its last
