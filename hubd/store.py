@@ -189,6 +189,7 @@ class Store:
             public.mkdir(mode=0o755, exist_ok=True)
         for private in (self.staging, self.quarantine_dir, self.locks, self.pending):
             private.mkdir(mode=0o700, exist_ok=True)
+        _make_private(self.layout.index)
         tag = self.layout.cachedir_tag
         if not tag.exists():
             self._write_atomic(tag, _CACHEDIR_TAG.encode())
@@ -705,3 +706,16 @@ def remove_tree(path: Path) -> None:
         with suppress(OSError):
             os.chmod(dirpath, stat.S_IRWXU)
     shutil.rmtree(path, onerror=_make_writable_and_retry)
+
+
+def _make_private(directory: Path) -> None:
+    """The index's directory is the daemon's alone (no client reads it): 0700, also on a cache an older hubd
+    made, where diskcache had created it 0755. Open to others, SQLite's shared-memory file (0644) let any local
+    user hold the byte-range lock every writer needs, and diskcache waits for it forever: each publish and each
+    hit's index update stalled for as long as the lock was held."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.stat().st_mode & 0o077:
+        try:
+            directory.chmod(0o700)
+        except PermissionError:  # another of the trusted owners made it: its own start will close it
+            log.warning("%s is open to other users; start hubd as its owner once to close it", directory)

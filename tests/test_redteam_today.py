@@ -131,10 +131,6 @@ sys.stdin.read()  # held until the test closes stdin
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="index/ is 0755 and SQLite's cache.db-shm 0644: any local user may lock it (make index/ 0700)",
-)
 def test_a_local_user_cannot_stall_every_publish_and_hit_by_locking_the_index(
     settings: Settings, upstream: Upstream, attacker: LocalUser, tmp_path: Path
 ) -> None:

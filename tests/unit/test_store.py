@@ -35,6 +35,16 @@ def test_a_fresh_cache_has_its_layout_a_version_and_a_cachedir_tag(store: Store)
     assert (store.root / "layout-version").read_text() == "2\n"
 
 
+def test_the_index_directory_is_the_daemons_alone_also_on_a_cache_an_older_hubd_made(tmp_path: Path) -> None:
+    (tmp_path / "index").mkdir(mode=0o755)  # as diskcache made it: others could lock SQLite's shared memory
+    (tmp_path / "index").chmod(0o755)
+    open_cache(Store(tmp_path, fsync=False))
+    assert stat.S_IMODE((tmp_path / "index").stat().st_mode) == 0o700
+    fresh = tmp_path / "fresh"
+    open_cache(Store(fresh, fsync=False))
+    assert stat.S_IMODE((fresh / "index").stat().st_mode) == 0o700
+
+
 def test_a_cache_others_could_write_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
