@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -49,7 +48,7 @@ from hubd.eviction import Cache, collect, gc_lock, unevictable_bytes
 from hubd.extract import SafeExtractor
 from hubd.layout import LAYOUT_VERSION
 from hubd.progress import human_bytes
-from hubd.store import ObjectMeta, Ref
+from hubd.store import ObjectMeta, Ref, flocked
 from hubd.tree import TreeListing
 from hubd.verify import quick_problems, structural_problems
 
@@ -453,7 +452,7 @@ def _publish(engine: Publisher, tree: Path, meta: ObjectMeta, entry: BundleEntry
         )
     with ExitStack() as locks:
         for key in sorted({key for key, _ref in refs}):
-            locks.enter_context(_flock(engine.store.lock_path(key)))
+            locks.enter_context(flocked(engine.store.lock_path(key)))
         locks.enter_context(gc_lock(engine.store, shared=True))
         for key, ref in refs:
             existing = engine.store.read_ref(key)
@@ -466,16 +465,6 @@ def _publish(engine: Publisher, tree: Path, meta: ObjectMeta, entry: BundleEntry
                 )
             ref.updated_at = time.time()
         engine.publish_refs(tree, meta, refs)
-
-
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _healthy(engine: Publisher, digest: str) -> bool:

@@ -14,15 +14,13 @@ path, a URL or a model id. It is looked up in memory, never on the filesystem.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from hubd_client.layout import CacheLayout
 from hubd.errors import (
     AliasConflict,
 )
+from hubd.store import flocked
 
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
@@ -116,7 +115,7 @@ class Catalog:
         memory alone dropped the uids the other process had added since."""
         if uid is None or uid in self._users_of(digest):
             return
-        with self._lock, _flocked(self.layout.lock("users")):
+        with self._lock, flocked(self.layout.lock("users")):
             uids = self._read_users(digest) | self._users_of(digest) | {uid}
             try:
                 self._write(self._users_file(digest), {"uids": sorted(uids)}, 0o600)
@@ -189,17 +188,6 @@ class Catalog:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-
-@contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created 0600 if missing), for the processes that share the cache."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 def claims_of(items: Iterable[tuple[str | None, str, str | None]], canonical: Callable[[str], str]) -> list[Claim]:

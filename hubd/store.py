@@ -35,7 +35,7 @@ import signal
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,17 @@ class StagingDir:
         with suppress(FileNotFoundError):
             self._lock_path.unlink()
         os.close(self._lock_fd)
+
+
+@contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600 if missing): the processes that share a cache take turns."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 @contextmanager
@@ -361,15 +372,9 @@ class Store:
             except OSError as exc:
                 log.warning("could not undo the %s step of a failed publish: %s", kind, exc)
 
-    @contextmanager
-    def _object_lock(self, digest: str) -> Iterator[None]:
+    def _object_lock(self, digest: str) -> AbstractContextManager[None]:
         """Serialises the publishers and recoverers of one object: its meta is read, merged and written whole."""
-        fd = os.open(self.layout.object_lock(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return flocked(self.layout.object_lock(digest))
 
     # -- pending publishes -----------------------------------------------------------------------------
 
