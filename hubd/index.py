@@ -282,9 +282,22 @@ class Index:
 
     def _reconcile(self, on_disk: Sequence[str]) -> None:
         """Entries the files have and the index lacks are added (a crash between a publish and its index
-        update), and the totals are counted again over the entries on disk. A row whose meta is gone (a crash
-        between a removal and its index update) stays until its digest is forgotten or published again: rows
-        cannot be listed without a scan, and listing goes by the files, so it is never shown."""
+        update), entries the index has and the files lack are dropped (a crash between a removal and its index
+        update), and the totals are counted again over the entries on disk.
+
+        Dropping needs one pass over the keys (this runs only when the counts disagree): a row left behind would
+        make a later publish of the same digest look like a re-publish, never counted in the totals, and the
+        quota would then read every file on each fetch (`size_bytes` no longer agreeing with meta/)."""
+        present = set(on_disk)
+        stale = [
+            key[len(_ENTRY) :]
+            for key in self._cache.iterkeys()
+            if isinstance(key, str) and key.startswith(_ENTRY) and key[len(_ENTRY) :] not in present
+        ]
+        for batch in _batches(iter(stale), _BATCH):
+            with self._cache.transact(retry=True):
+                for digest in batch:
+                    self._cache.evict(digest, retry=True)
         totals = _no_totals()
         for batch in _batches(iter(on_disk), _BATCH):
             with self._cache.transact(retry=True):

@@ -176,6 +176,24 @@ def test_an_entry_a_crash_left_unindexed_is_added_when_the_index_is_opened(store
     assert not again.caught_up  # in step with the files: opening it read one listing and one row
 
 
+def test_an_entry_a_crash_removed_without_its_index_update_is_dropped_and_counted_again_if_republished(
+    store: Store, index: Index
+) -> None:
+    kept, removed = published(store, 1, "tfhub.dev/a/kept/1"), published(store, 2, "tfhub.dev/a/removed/1")
+    index.record(kept)
+    index.record(removed)
+    index.close()
+    store.remove_object(removed.digest)  # the crash came before the index forgot it
+    reopened = Index(store)
+    reopened.rebuild_if_needed()
+    assert reopened.caught_up and reopened.summary(removed.digest) is None
+    assert reopened.size_bytes() == kept.size_bytes
+    again = published(store, 2, "tfhub.dev/a/removed/1")  # fetched again: a new entry, counted as one
+    reopened.record(again)
+    assert reopened.size_bytes() == kept.size_bytes + again.size_bytes  # agrees with meta/: the quota trusts it
+    reopened.close()
+
+
 def test_an_index_of_an_older_format_is_rebuilt(store: Store) -> None:
     meta = published(store, 1, "tfhub.dev/a/b/1")
     old = diskcache.Cache(str(store.root / "index"))
