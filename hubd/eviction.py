@@ -322,9 +322,9 @@ def execute(cache: Cache, the_plan: GcPlan, found: Found) -> None:
 
 
 def fits_without_eviction(cache: Cache, quota: int, adding: int = 0) -> bool:
-    """Whether every published model plus `adding` bytes is within `quota` by the index's totals row: one row,
-    no reading of every meta and ref, so a fetch into a cache under its quota costs the same at 100,000 entries
-    as at 10. False when the index cannot tell (then the caller gathers from the files)."""
+    """Whether every published model plus `adding` bytes is within `quota` by the index's totals row: one row and
+    one listing of meta/ (`Index.size_bytes`), not a read of every meta and ref. False when the index cannot
+    tell (then the caller gathers from the files)."""
     size = cache.index.size_bytes()
     return size is not None and size + adding <= quota
 
