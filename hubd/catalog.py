@@ -115,11 +115,13 @@ class Catalog:
         memory alone dropped the uids the other process had added since."""
         if uid is None or uid in self._users_of(digest):
             return
-        with self._lock, flocked(self.layout.lock("users")):
-            uids = self._read_users(digest) | self._users_of(digest) | {uid}
+        with self._lock:
+            uids = self._users_of(digest) | {uid}
             try:
-                self._write(self._users_file(digest), {"uids": sorted(uids)}, 0o600)
-            except OSError as exc:
+                with flocked(self.layout.lock("users")):
+                    uids |= self._read_users(digest)
+                    self._write(self._users_file(digest), {"uids": sorted(uids)}, 0o600)
+            except OSError as exc:  # the lock or the write: a request never fails for its attribution
                 log.warning("the users of %s were not recorded: %s", digest[:12], exc)
             self._users[digest] = uids
         if self.on_attribute is not None:

@@ -297,7 +297,8 @@ class Index:
         for batch in _batches(iter(stale), _BATCH):
             with self._cache.transact(retry=True):
                 for digest in batch:
-                    self._cache.evict(digest, retry=True)
+                    if not self.store.layout.meta(digest).exists():  # else published since the listing
+                        self._cache.evict(digest, retry=True)
         totals = _no_totals()
         for batch in _batches(iter(on_disk), _BATCH):
             with self._cache.transact(retry=True):

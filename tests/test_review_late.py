@@ -97,11 +97,6 @@ def test_a_reconcile_keeps_a_name_rebound_to_an_entry_that_is_present(tmp_path: 
         reopened.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_reconcile evicts every entry row missing from a listing of meta/ taken before it: an entry another "
-    "process published and indexed meanwhile loses its rows (re-check the meta inside the eviction transaction)",
-)
 def test_a_reconcile_keeps_the_rows_of_an_entry_another_process_published_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,11 +138,6 @@ def test_a_reconcile_keeps_the_rows_of_an_entry_another_process_published_meanwh
         other.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="catalog.attribute opens locks/users.lock outside its try: a lock that cannot be opened (EMFILE, "
-    "EACCES, EROFS; here a directory in its place) fails the caller's resolve instead of being logged",
-)
 def test_a_users_lock_that_cannot_be_opened_is_only_logged(tmp_path: Path) -> None:
     """attribute() promises that a failure to record is only logged: it runs on every resolve, hits included."""
     open_cache(Store(tmp_path, fsync=False))
