@@ -129,6 +129,8 @@ class Index:
         self.path = store.layout.index
         self.users_of = users_of
         self._repair_lock = threading.Lock()
+        self._fd_lock = threading.Lock()
+        self._db_fd: int | None = None
         self._generation = 0
         self._cache, self._identity = self._open()
         self._used: dict[str, float] = {}
@@ -189,12 +191,36 @@ class Index:
         return info.st_dev, info.st_ino
 
     def _check_file(self) -> None:
-        """Raise IndexLost when the database file is not the one this index opened, or not SQLite any more."""
+        """Raise IndexLost when the database file is not the one this index opened, or not SQLite any more.
+
+        The header is read through one descriptor kept open for the database's life, never one opened and closed
+        per check: closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+        included, and another process (an in-process `hubd pull` beside the daemon) then took itself for the
+        last connection and reset the WAL under the daemon, whose next read failed with "disk I/O error" and
+        rebuilt the whole index (2 runs in 5 of tests/test_redteam_today.py's crashed pull; none in 8 after)."""
         if self._file_identity() != self._identity:
             raise IndexLost(f"{self.path / _DB_FILE} was deleted or replaced")
-        with open(self.path / _DB_FILE, "rb") as db:
-            if db.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-                raise IndexLost(f"{self.path / _DB_FILE} is no longer an SQLite database")
+        if os.pread(self._header_fd(), len(_SQLITE_MAGIC), 0) != _SQLITE_MAGIC:
+            raise IndexLost(f"{self.path / _DB_FILE} is no longer an SQLite database")
+
+    def _header_fd(self) -> int:
+        """A descriptor of the database file this index opened, opened once (see `_check_file`)."""
+        with self._fd_lock:
+            if self._db_fd is None:
+                fd = os.open(self.path / _DB_FILE, os.O_RDONLY | os.O_CLOEXEC)
+                info = os.fstat(fd)
+                if (info.st_dev, info.st_ino) != self._identity:
+                    os.close(fd)  # another file than ours: closing it drops none of our locks
+                    raise IndexLost(f"{self.path / _DB_FILE} was deleted or replaced")
+                self._db_fd = fd
+            return self._db_fd
+
+    def _forget_header_fd(self) -> None:
+        """Close the header descriptor: only with this index's connections to that file closed or abandoned."""
+        with self._fd_lock:
+            if self._db_fd is not None:
+                os.close(self._db_fd)
+                self._db_fd = None
 
     def _guarded(self, what: str, op: Callable[[], T], default: T, write: bool = True) -> T:
         """Run `op`; on a database failure rebuild the index from the files once and retry, else give up."""
@@ -224,6 +250,7 @@ class Index:
                 exc,
             )
             old = self._cache
+            self._forget_header_fd()  # the old file's: the next check opens the new one's
             try:
                 replaced = isinstance(exc, IndexLost) and _is_sqlite(self.path)  # by another process: keep theirs
                 if not replaced:
@@ -529,6 +556,7 @@ class Index:
     def close(self) -> None:
         self.flush()
         self._cache.close()
+        self._forget_header_fd()
 
 
 def _count(totals: Totals, summary: Summary, sign: int) -> None:
