@@ -3,7 +3,6 @@ what a local user can reach, and what a reconcile racing another process's publi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ import pytest
 from hubd.catalog import Catalog
 from hubd.index import Index
 from hubd.layout import open_cache
-from hubd.store import ObjectMeta, Ref, Store
-from hubd.tree import FileRecord, TreeListing
+from hubd.store import ObjectMeta, Store
+from tests.unit.test_index import published
 from tests.users import LocalUser, shared_dir
 
 DIGEST = "cd" * 32
@@ -29,28 +28,6 @@ except OSError as exc:
 """
 
 
-def _published(store: Store, n: int, *names: str) -> ObjectMeta:
-    """A distinct one-file tree published with refs for `names`, as a fetch leaves the files (no index update)."""
-    staging = store.new_staging()
-    data = f"graph {n}".encode()
-    staging.tree.mkdir()
-    (staging.tree / "saved_model.pb").write_bytes(data)
-    listing = TreeListing(files={"saved_model.pb": FileRecord(len(data), hashlib.sha256(data).hexdigest())})
-    meta = ObjectMeta(
-        listing.digest(), hashlib.sha256(data).hexdigest(), len(data), 1_700_000_000.0 + n, listing, list(names)
-    )
-    refs = [
-        (
-            hashlib.sha256(name.encode()).hexdigest()[:32],
-            Ref(name, f"https://{name}", meta.digest, meta.archive_sha256, meta.fetched_at),
-        )
-        for name in names
-    ]
-    store.publish_entry(staging.tree, meta, refs)
-    staging.cleanup()
-    return meta
-
-
 def test_a_local_user_can_lock_neither_the_users_lock_nor_the_index(attacker: LocalUser) -> None:
     """The users lock is taken on the daemon's event loop: a local user holding it would stall every request.
     locks/ is 0700 and the lock 0600, and index/ (SQLite's shared memory) is 0700: both out of reach."""
@@ -63,7 +40,7 @@ def test_a_local_user_can_lock_neither_the_users_lock_nor_the_index(attacker: Lo
         catalog.attribute(DIGEST, 1001)
         index = Index(store)
         index.rebuild_if_needed()
-        index.record(_published(store, 1, "tfhub.dev/a/b/1"))
+        index.record(published(store, 1, "tfhub.dev/a/b/1"))
         try:
             for target in (store.layout.lock("users"), store.layout.index / "cache.db-shm"):
                 assert target.exists()
@@ -80,7 +57,7 @@ def test_a_reconcile_keeps_a_name_rebound_to_an_entry_that_is_present(tmp_path: 
     open_cache(store)
     index = Index(store)
     index.rebuild_if_needed()
-    old, new = _published(store, 1, "tfhub.dev/a/b/1"), _published(store, 2)
+    old, new = published(store, 1, "tfhub.dev/a/b/1"), published(store, 2)
     index.record(old)
     index.bind("tfhub.dev/a/b/1", old.digest)
     index.record(new)
@@ -106,7 +83,7 @@ def test_a_reconcile_keeps_the_rows_of_an_entry_another_process_published_meanwh
     open_cache(store)
     first = Index(store)
     first.rebuild_if_needed()
-    kept, removed = _published(store, 1, "tfhub.dev/a/kept/1"), _published(store, 2, "tfhub.dev/a/removed/1")
+    kept, removed = published(store, 1, "tfhub.dev/a/kept/1"), published(store, 2, "tfhub.dev/a/removed/1")
     first.record(kept)
     first.record(removed)
     first.close()
@@ -120,7 +97,7 @@ def test_a_reconcile_keeps_the_rows_of_an_entry_another_process_published_meanwh
     def listing_then_a_publish_lands() -> tuple[str, ...]:
         digests = listing()
         if not landed:
-            landed.append(_published(other_store, 3, "tfhub.dev/a/new/1"))
+            landed.append(published(other_store, 3, "tfhub.dev/a/new/1"))
             other.record(landed[0])
             other.bind("tfhub.dev/a/new/1", landed[0].digest)
         return digests
