@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import logging
@@ -93,6 +94,8 @@ class _Flight:
     """Who started it: the import is recorded in their name."""
     interactive: bool = False
     """Someone waits for it at a prompt (not only a prefetch): it goes before prefetches for a slot."""
+    abandoned: bool = False
+    """Its last waiter left and it was cancelled: it only winds down now, and nobody may join it."""
 
     def emit(self, phase: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -342,6 +345,11 @@ class Engine:
     ) -> Entry:
         key = f"{source.ref_key}:{sha256 or ''}"
         flight = self._flights.get(key)
+        if flight is not None and flight.abandoned:
+            # Joining a fetch that is winding down after its cancel would hand this caller its CancelledError
+            # (the client saw its connection closed without an answer). A new fetch starts instead; it waits for
+            # the old one's cross-process lock and resumes from the spool the old one kept.
+            flight = None
         if flight is not None and interactive and not flight.interactive:
             flight.interactive = True  # a queued prefetch someone now waits for moves ahead
             self._fetch_slots.wake()
@@ -351,7 +359,7 @@ class Engine:
             flight = _Flight(uid=uid, interactive=interactive)
             self._flights[key] = flight
             flight.task = asyncio.create_task(self._fetch_limited(source, sha256, flight, uid))
-            flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
+            flight.task.add_done_callback(functools.partial(self._flight_ended, key, flight))
         if on_progress is not None:
             flight.listeners.append(on_progress)
         assert flight.task is not None
@@ -364,7 +372,12 @@ class Engine:
             if on_progress is not None and on_progress in flight.listeners:
                 flight.listeners.remove(on_progress)
             if flight.waiters == 0 and flight.cancellable and not flight.task.done():
+                flight.abandoned = True
                 flight.task.cancel()  # ...but when the last one has gone, nobody wants the bytes any more
+
+    def _flight_ended(self, key: str, flight: _Flight, _task: asyncio.Task[Entry]) -> None:
+        if self._flights.get(key) is flight:  # not a newer flight that replaced an abandoned one
+            del self._flights[key]
 
     async def _fetch_limited(self, source: Source, sha256: str | None, flight: _Flight, uid: int | None) -> Entry:
         """Wait for a slot of the caller's uid, then a global one (in that order, so one user's queue never
