@@ -88,7 +88,8 @@ def test_eight_processes_pulling_one_cold_handle_download_it_once(settings: Sett
         for _ in range(8)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outputs]
+    failed = [err[-2000:] for proc, (_, err) in zip(procs, outputs, strict=True) if proc.returncode]
+    assert failed == [], failed  # each failing process's own error, whole: a summary cut them off
     assert len({out.strip() for out, _ in outputs}) == 1
     assert upstream.requests(path) == 1
     assert upstream.bytes_sent(path) == len(upstream.models["large_4mb"])
