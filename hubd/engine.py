@@ -848,9 +848,13 @@ class _Room:
         self.engine = engine
         self.floor: int | None = None
         """Bytes of pinned and recently used models, which no eviction may remove."""
-        self.published: int | None = None
-        """Bytes of every published model, by the index (read once: None until then, or when it cannot tell)."""
-        self._published_read = False
+        self._published: tuple[int | None] | None = None
+        """(bytes of every published model by the index, None when it cannot tell), read once; None until then."""
+
+    async def _published_bytes(self) -> int | None:
+        if self._published is None:
+            self._published = (await asyncio.to_thread(self.engine.index.size_bytes),)
+        return self._published[0]
 
     async def check(self, announced: int) -> None:
         """Refuse, before its first byte, a download that cannot fit. Resume spools (partial/) count against
@@ -858,7 +862,8 @@ class _Room:
         engine, quota = self.engine, self.engine.settings.max_size
         if quota is not None:
             spools = await asyncio.to_thread(engine.spool_bytes)
-            if await asyncio.to_thread(fits_without_eviction, engine, quota, spools + announced):
+            published = await self._published_bytes()
+            if published is not None and published + spools + announced <= quota:
                 floor = 0  # it fits beside everything published: what may not be evicted does not matter
             else:
                 floor = await asyncio.to_thread(unevictable_bytes, engine)
@@ -895,9 +900,8 @@ class _Room:
         quota = self.engine.settings.max_size
         if quota is None:
             return
-        if not self._published_read:
-            self.published, self._published_read = await asyncio.to_thread(self.engine.index.size_bytes), True
-        if self.published is not None and self.published + size <= quota:
+        published = await self._published_bytes()
+        if published is not None and published + size <= quota:
             return  # fits beside everything published: no need to know what may not be evicted
         if self.floor is None or self.floor + size > quota:  # re-read only when it matters
             self.floor = await asyncio.to_thread(unevictable_bytes, self.engine)

@@ -543,10 +543,8 @@ class Index:
         daemon's cache), a publish a rebuild's final totals overwrote, an index write that was skipped. Such a row
         under-reports, and a quota trusting it would let the cache grow past it unnoticed. The check is one
         listing of meta/ (`Store.meta_digests`, reused while meta/ is unchanged), not a read of every meta."""
-        found: Totals | None = self._guarded("reading totals", lambda: self._cache.get(_TOTALS), None, write=False)
-        if found is None or int(found["entries"]) != len(self.store.meta_digests()):
-            return None
-        return int(found["size_bytes"])
+        totals = self.totals()
+        return totals["size_bytes"] if totals["entries"] == len(self.store.meta_digests()) else None
 
     def totals(self) -> Totals:
         """Entries, bytes and per-uid usage of every entry recorded (one row)."""

@@ -83,7 +83,7 @@ class PrefetchGate:
         self._running = 0
         self._changed = asyncio.Event()
         self.peak = 0
-        """The most fetches that ran at once (reported in the daemon's log)."""
+        """The most fetches that ran at once (what a test or a debugger looks at; nothing else reads it)."""
 
     def _may_start(self) -> bool:
         if self._running == 0:

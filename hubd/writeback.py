@@ -12,6 +12,7 @@ Linux only: elsewhere, or where libc lacks the call, `start_writeback` does noth
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ last stretch left for the fsync is a few milliseconds of disk time."""
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _load() -> Callable[[int, int, int], None] | None:
     if not hasattr(os, "sched_getaffinity"):  # not Linux
         return None
@@ -42,14 +44,8 @@ def _load() -> Callable[[int, int, int], None] | None:
     return kick
 
 
-_kick: Callable[[int, int, int], None] | None = None
-_loaded = False
-
-
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Queue bytes [offset, offset + length) of `fd` for writeback, without waiting for them."""
-    global _kick, _loaded
-    if not _loaded:
-        _kick, _loaded = _load(), True
-    if _kick is not None:
-        _kick(fd, offset, length)
+    kick = _load()
+    if kick is not None:
+        kick(fd, offset, length)
