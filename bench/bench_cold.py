@@ -10,7 +10,11 @@ by round, each with an empty cache, fetching from the tests' hosting-protocol se
   buffer), discarding the output;
 - `floor rapidgzip N`: the same with rapidgzip on N threads;
 - `hubd pull (stream)`: `python -m hubd pull HANDLE` with no daemon (the engine in-process), streaming inflate;
-- `hubd pull (parallel N)`: the same with HUBD_INFLATE_THREADS=N (spool, then rapidgzip on N threads).
+- `hubd pull (parallel N)`: the same with HUBD_INFLATE_THREADS=N (spool, then rapidgzip on N threads);
+- `hubd pull via daemon`: `python -m hubd pull HANDLE` asking a `hubd serve` started once before the rounds (the
+  deployment the README sets up: no imports of aiohttp or the engine in the pulling process). Its CPU and peak
+  RSS add the daemon's (CPU from /proc per pull, RSS the daemon's high-water mark) to the client's; each model
+  is removed with `hubd rm` after its round, untimed.
 
 Each hubd run fetches a handle of its own into an empty cache, so every one is cold.
 
@@ -41,6 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hubd.config import Settings  # noqa: E402
+from tests.daemon import Daemon, start_daemon  # noqa: E402
 from tests.hosting import HostingServer  # noqa: E402
 
 _BLOCK = 8 << 20
@@ -178,15 +184,37 @@ def hubd_env(work: Path, server: HostingServer, **extra: str) -> dict[str, str]:
         HUBD_SOCKET=str(work / "no-daemon.sock"),
         HUBD_MIRROR=server.url,
         HUBD_HTTP_HOSTS="127.0.0.1",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
+def daemon_cpu_and_hwm(pid: int) -> tuple[float, float]:
+    """The daemon's CPU seconds so far (user + system, its threads included) and peak RSS in MiB."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return cpu, int(hwm.split()[1]) / 1024
+
+
+def pull_via_daemon(daemon: Daemon, work: Path, server: HostingServer, handle: str) -> dict[str, float]:
+    """One cold `hubd pull` through the running daemon, with the daemon's share of CPU and memory added."""
+    env = hubd_env(work, server, HUBD_SOCKET=str(daemon.socket_path), HUBD_CACHE_DIR=str(work / "daemon-cache"))
+    url = f"https://tfhub.dev/{handle}"
+    before, _ = daemon_cpu_and_hwm(daemon.proc.pid)
+    result = run([sys.executable, "-m", "hubd", "pull", "-q", url], env)
+    after, hwm = daemon_cpu_and_hwm(daemon.proc.pid)
+    result["cpu_s"] += after - before
+    result["peak_rss_mib"] = max(result["peak_rss_mib"], hwm)
+    subprocess.run([sys.executable, "-m", "hubd", "rm", url], env=env, check=True, capture_output=True)
+    return result
+
+
 def contenders(threads: list[int], parallel_ok: bool) -> list[tuple[str, str, int | None]]:
-    """(name, kind, threads): kind floor, floor-parallel or hubd (threads None: stream)."""
+    """(name, kind, threads): kind floor, floor-parallel, hubd (threads 0: stream) or daemon."""
     out: list[tuple[str, str, int | None]] = [("floor isal (1 thread)", "floor", None)]
     out.append(("hubd pull (stream)", "hubd", 0))
+    out.append(("hubd pull via daemon", "daemon", None))
     if parallel_ok:
         for n in threads:
             out.append((f"floor rapidgzip {n}", "floor-parallel", n))
@@ -218,23 +246,35 @@ def main() -> None:
     with HostingServer() as server, tempfile.TemporaryDirectory(prefix="hubd-bench-cold-") as tmp:
         work = Path(tmp)
         count = 0
-        for round_ in range(args.rounds):
-            for name, kind, n in plan if round_ % 2 == 0 else list(reversed(plan)):
-                if kind == "floor":
-                    result = run([sys.executable, "-c", FLOOR, str(path)], dict(os.environ))
-                elif kind == "floor-parallel":
-                    result = run([sys.executable, "-c", FLOOR_PARALLEL, str(path), str(n)], dict(os.environ))
-                else:
-                    count += 1
-                    handle = f"bench/cold-{count}/1"
-                    server.add(handle, data)
-                    shutil.rmtree(work / "cache", ignore_errors=True)
-                    env = hubd_env(work, server, HUBD_INFLATE_THREADS=str(n), HUBD_FSYNC=args.fsync)
-                    cmd = [sys.executable, "-m", "hubd", "pull", "-q", f"https://tfhub.dev/{handle}"]
-                    result = run(cmd, env)
-                    server.archives.pop(handle.strip("/"), None)
-                runs.setdefault(name, []).append(result)
-                print(f"round {round_ + 1} {name}: {result['wall_s']:.2f} s", file=sys.stderr)
+        daemon = start_daemon(
+            Settings(cache_dir=work / "daemon-cache", mirror=server.url, http_hosts=["127.0.0.1"]),
+            work,
+            env_extra={"PYTHONPATH": hubd_env(work, server)["PYTHONPATH"], "HUBD_FSYNC": args.fsync},
+        )
+        try:
+            for round_ in range(args.rounds):
+                for name, kind, n in plan if round_ % 2 == 0 else list(reversed(plan)):
+                    if kind == "floor":
+                        result = run([sys.executable, "-c", FLOOR, str(path)], dict(os.environ))
+                    elif kind == "floor-parallel":
+                        result = run([sys.executable, "-c", FLOOR_PARALLEL, str(path), str(n)], dict(os.environ))
+                    else:
+                        count += 1
+                        handle = f"bench/cold-{count}/1"
+                        server.add(handle, data)
+                        if kind == "daemon":
+                            result = pull_via_daemon(daemon, work, server, handle)
+                        else:
+                            shutil.rmtree(work / "cache", ignore_errors=True)
+                            env = hubd_env(work, server, HUBD_INFLATE_THREADS=str(n), HUBD_FSYNC=args.fsync)
+                            result = run(
+                                [sys.executable, "-m", "hubd", "pull", "-q", f"https://tfhub.dev/{handle}"], env
+                            )
+                        server.archives.pop(handle, None)
+                    runs.setdefault(name, []).append(result)
+                    print(f"round {round_ + 1} {name}: {result['wall_s']:.2f} s", file=sys.stderr)
+        finally:
+            daemon.stop()
     shutil.rmtree(work, ignore_errors=True)
     floor = statistics.median(r["wall_s"] for r in runs["floor isal (1 thread)"])
     rows = [
