@@ -12,7 +12,8 @@ not what is measured here):
 - resolve p50/p99: `--resolves` POST /v1/resolve of cached handles drawn at random from the whole cache, one
   at a time over the Unix socket;
 - first page of GET /v1/models (limit=100) and GET /v1/status: median of 5;
-- the inotify watches the daemon holds after those resolves, as the kernel counts them (/proc/PID/fdinfo).
+- the inotify watches the daemon holds after those resolves, as the kernel counts them (/proc/PID/fdinfo);
+- `hubd rm`: DELETE /v1/models/{id} of 5 entries drawn at random, as root (an admin), median.
 
 Prints a Markdown table; writes bench/results/scale.json.
 """
@@ -48,13 +49,15 @@ def timed_start(settings: Settings, workdir: Path) -> tuple[Daemon, float]:
 
 
 def median_ms(daemon: Daemon, path: str, runs: int = 5) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        reply = daemon.request("GET", path)
-        times.append(time.perf_counter() - started)
-        assert reply.status == 200, reply.body
-    return statistics.median(times) * 1000
+    return statistics.median(timed_ms(daemon, "GET", path) for _ in range(runs))
+
+
+def timed_ms(daemon: Daemon, method: str, path: str) -> float:
+    started = time.perf_counter()
+    reply = daemon.request(method, path)
+    elapsed = time.perf_counter() - started
+    assert reply.status == 200, reply.body
+    return elapsed * 1000
 
 
 def measure(entries: int, resolves: int, tmp: Path) -> dict[str, float]:
@@ -63,7 +66,7 @@ def measure(entries: int, resolves: int, tmp: Path) -> dict[str, float]:
     settings = Settings(cache_dir=workdir / "cache", offline=True, fsync=False)
     users = {1000: range(0, entries, 2), 1001: range(0, entries, 3)}
     started = time.perf_counter()
-    write_entries(settings.cache_dir, entries, users)
+    digests = write_entries(settings.cache_dir, entries, users)
     figures = {"entries": entries, "write_s": time.perf_counter() - started}
     first, figures["first_start_s"] = timed_start(settings, workdir)
     first.stop()
@@ -83,6 +86,8 @@ def measure(entries: int, resolves: int, tmp: Path) -> dict[str, float]:
         figures["list_ms"] = median_ms(daemon, "/v1/models?limit=100")
         figures["status_ms"] = median_ms(daemon, "/v1/status")
         figures["watches"] = watches(daemon)
+        doomed = rng.sample(digests, min(5, len(digests)))
+        figures["rm_ms"] = statistics.median(timed_ms(daemon, "DELETE", f"/v1/models/{d}") for d in doomed)
     finally:
         daemon.stop()
     return figures
@@ -100,14 +105,14 @@ def main() -> None:
             print(json.dumps(results[-1]), file=sys.stderr)
     print(
         "\n| entries | first start (index build) | start-up | resolve p50 | resolve p99 | list, first page | "
-        "status | inotify watches |"
+        "status | inotify watches | rm |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['entries']:,} | {r['first_start_s']:.2f} s | {r['start_s']:.2f} s "
             f"| {r['resolve_p50_ms']:.2f} ms | {r['resolve_p99_ms']:.2f} ms | {r['list_ms']:.1f} ms "
-            f"| {r['status_ms']:.1f} ms | {r['watches']} |"
+            f"| {r['status_ms']:.1f} ms | {r['watches']} | {r['rm_ms']:.1f} ms |"
         )
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hubd_client.handles import Source
+from hubd_client.layout import is_digest
 
 from hubd.audit import user_name
 from hubd.entry import Entry
@@ -49,7 +50,9 @@ def find(cache: Cached, handle_or_id: str) -> ObjectMeta:
     alias = cache.catalog.alias(handle_or_id)
     if alias is not None:
         handle_or_id = alias.handle
-    if len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
+    if is_digest(handle_or_id):
+        digest = handle_or_id  # a whole id: one read, not a listing of every entry
+    elif len(handle_or_id) >= 8 and all(c in "0123456789abcdef" for c in handle_or_id):
         digests = cache.store.meta_digests()  # sorted: the ids with this prefix are side by side
         first = bisect.bisect_left(digests, handle_or_id)
         matches = set(itertools.takewhile(lambda d: d.startswith(handle_or_id), digests[first : first + 2]))

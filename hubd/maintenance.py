@@ -21,7 +21,7 @@ from hubd.eviction import GcReport, collect
 from hubd.executors import HASHING, run_in
 from hubd.fetch import trim_spools
 from hubd.inventory import Cached, find
-from hubd.store import ObjectMeta
+from hubd.store import ObjectMeta, Ref
 from hubd.verify import full_problems
 
 
@@ -111,17 +111,33 @@ def remove_digest(
 def _remove(cache: Maintained, meta: ObjectMeta) -> Entry:
     digest = meta.digest
     entry = cache.entry_for(meta)
-    for ref in cache.store.iter_refs():
-        if ref.digest == digest:
-            cache.store.remove_ref(ref_key(ref.canonical))  # its handle may no longer parse: the stored name
-            cache.index.unbind(ref.canonical)
+    refs = _refs_to(cache, meta)
+    for key, ref in refs:
+        cache.store.remove_ref(key)
+        cache.index.unbind(ref.canonical)
     if cache.view is not None:
-        cache.view.unlink_digest(digest)
+        cache.view.unlink_refs(digest, [ref for _key, ref in refs])
     cache.store.remove_object(digest)
     cache.index.forget(digest)
     cache.catalog.forget(digest)
     cache.forget_meta(digest)
     return entry
+
+
+def _refs_to(cache: Maintained, meta: ObjectMeta) -> list[tuple[str, Ref]]:
+    """The refs pointing at `meta`'s object, as (key, ref). Every publish adds the name of each ref it writes
+    to the object's meta, so reading the refs of those names (and of the index's) finds them all in a few
+    reads, not one per cached model (100,000 at scale). A meta with no names, as none should be, falls back to
+    reading every ref. A name whose ref has moved to another object keeps that ref."""
+    if not meta.names:
+        return [(key, ref) for key, ref in cache.store.ref_items() if ref.digest == meta.digest]
+    found = []
+    for name in dict.fromkeys([*meta.names, *cache.index.names_of(meta.digest)]):
+        key = ref_key(name)  # refs are keyed by their stored name: a handle that no longer parses still is
+        ref = cache.store.read_ref(key)
+        if ref is not None and ref.digest == meta.digest:
+            found.append((key, ref))
+    return found
 
 
 # -- garbage collection ---------------------------------------------------------------------------------------
@@ -166,9 +182,7 @@ async def verify(cache: Maintained, handle_or_id: str | None = None, heal: bool 
 async def _heal(cache: Maintained, meta: ObjectMeta) -> bool:
     """Fetch a quarantined model again through any handle that named it; the first that succeeds heals it."""
     why = "no handle names it"
-    for ref in cache.store.iter_refs():
-        if ref.digest != meta.digest:
-            continue
+    for _key, ref in _refs_to(cache, meta):
         try:
             entry = await cache.resolve(ref.handle)
         except HubdError as exc:

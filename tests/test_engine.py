@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from hubd.errors import (
     UpstreamError,
     VerificationFailed,
 )
+from hubd.store import Ref
 from tests import hostile
 from tests.conftest import Upstream, run
 from tests.hosting import Behaviour
@@ -314,6 +316,48 @@ def test_remove_deletes_the_entry_and_its_names(settings: Settings, upstream: Up
     assert not Path(entry.path).exists()
     assert list((settings.cache_dir / "refs").iterdir()) == []
     assert with_engine(settings, lambda engine: asyncio.sleep(0, engine.list_entries())) == []
+
+
+def _no_full_scan(engine: Engine) -> Engine:
+    """Make reading every ref fail, so a removal that still scans them all is caught."""
+
+    def refuse() -> Iterator[tuple[str, Ref]]:
+        raise AssertionError("read every ref")
+
+    engine.store.ref_items = refuse  # type: ignore[method-assign]
+    engine.store.iter_refs = refuse  # type: ignore[method-assign,assignment]
+    return engine
+
+
+def test_remove_reads_only_the_refs_of_its_own_names(settings: Settings, upstream: Upstream) -> None:
+    first, second = upstream.publish("text_embedding"), upstream.publish("text_embedding")
+    other = tfhub(upstream.publish("reusable"))
+    shared = resolve(settings, tfhub(first))
+    assert resolve(settings, upstream.handle(second)).id == shared.id
+    kept = resolve(settings, other)
+
+    async def remove_shared(engine: Engine) -> Entry:
+        return _no_full_scan(engine).remove(shared.id)
+
+    assert with_engine(settings, remove_shared).id == shared.id
+    refs = [json.loads(p.read_text())["digest"] for p in (settings.cache_dir / "refs").iterdir()]
+    assert refs == [kept.id]
+    view = settings.cache_dir / "tfhub_modules"
+    assert {os.readlink(p).rsplit("/", 1)[1] for p in view.iterdir() if p.is_symlink()} == {kept.id}
+    assert resolve(settings, other).path == kept.path
+
+
+def test_remove_of_a_model_whose_meta_has_no_names_still_drops_its_refs(
+    settings: Settings, upstream: Upstream
+) -> None:
+    path = upstream.publish("reusable")
+    entry = resolve(settings, tfhub(path))
+    meta_file = settings.cache_dir / "meta" / f"{entry.id}.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["names"]
+    meta_file.write_text(json.dumps(meta))
+    with_engine(settings, lambda engine: asyncio.sleep(0, engine.remove(entry.id)))
+    assert list((settings.cache_dir / "refs").iterdir()) == []
 
 
 def test_local_directory_handle_is_returned_as_is(settings: Settings, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from hubd.store import ObjectMeta, Store
 from hubd.tfhub_view import VIEW_DIR, TfhubView, link_name, spellings
 from tests.unit.trees import meta_of, ref_to, write_tree
@@ -62,15 +64,30 @@ def test_relinking_a_handle_to_a_new_object_replaces_its_links(store: Store) -> 
     assert [p.name for p in (store.root / VIEW_DIR).iterdir() if p.name.startswith(".")] == []  # no temp links
 
 
-def test_unlinking_a_digest_removes_its_links_and_descriptors_and_no_others(store: Store) -> None:
+@pytest.mark.parametrize("by", ["digest", "refs"])
+def test_unlinking_a_digest_removes_its_links_and_descriptors_and_no_others(store: Store, by: str) -> None:
     one, two = published(store, {"saved_model.pb": b"1"}), published(store, {"saved_model.pb": b"2"})
     view = TfhubView(store)
-    view.link(ref_to(one, "tfhub.dev/a/one/1"))
-    view.link(ref_to(two, "tfhub.dev/a/two/1"))
-    view.unlink_digest(one.digest)
+    refs = [ref_to(one, "tfhub.dev/a/one/1"), ref_to(one, "www.kaggle.com/models/a/one/TensorFlow2/v/1")]
+    for ref in [*refs, ref_to(two, "tfhub.dev/a/two/1")]:
+        view.link(ref)
+    if by == "digest":
+        view.unlink_digest(one.digest)
+    else:
+        view.unlink_refs(one.digest, refs)
     assert set(view.links_by_target()) == {two.digest}
     descriptors = [p for p in view.root.iterdir() if p.name.endswith(".descriptor.txt")]
     assert len(descriptors) == len(view.links_by_target()[two.digest])
+
+
+def test_unlinking_by_refs_keeps_a_link_that_now_points_at_another_object(store: Store) -> None:
+    old, new = published(store, {"saved_model.pb": b"v1"}), published(store, {"saved_model.pb": b"v2"})
+    view = TfhubView(store)
+    view.link(ref_to(old, "tfhub.dev/google/nnlm-en-dim128/2", TFHUB))
+    view.link(ref_to(new, "tfhub.dev/google/nnlm-en-dim128/2", TFHUB))
+    view.unlink_refs(old.digest, [ref_to(old, "tfhub.dev/google/nnlm-en-dim128/2", TFHUB)])
+    assert os.readlink(store.root / VIEW_DIR / link_name(TFHUB)) == f"../objects/{new.digest}"
+    assert (store.root / VIEW_DIR / f"{link_name(TFHUB)}.descriptor.txt").is_file()
 
 
 def test_rebuild_drops_links_to_quarantined_objects_and_links_every_healthy_ref(store: Store) -> None:
