@@ -107,13 +107,17 @@ class Catalog:
         except (OSError, ValueError, KeyError, TypeError):
             return frozenset()
 
+    def knows(self, digest: str, uid: int | None) -> bool:
+        """Whether `attribute` has nothing to record (no uid, or one already recorded): a dict look-up."""
+        return uid is None or uid in self._users_of(digest)
+
     def attribute(self, digest: str, uid: int | None) -> None:
         """Record that `uid` asked for the object (once per uid; a failure to write is only logged).
 
         The record is read again under a lock shared with every process on the cache before it is rewritten:
         the daemon and an in-process `hubd pull` each remember the uids they have seen, and rewriting from that
         memory alone dropped the uids the other process had added since."""
-        if uid is None or uid in self._users_of(digest):
+        if uid is None or self.knows(digest, uid):
             return
         with self._lock:
             uids = self._users_of(digest) | {uid}

@@ -307,14 +307,15 @@ class Engine:
         if cached is not None:
             self.stats.hits += 1
             log.info("fetch handle=%s cache=hit bytes=0 seconds=%.3f", source.handle, time.monotonic() - started)
-            return self._attributed(cached, uid)
+            return await self._attributed(cached, uid)
         if self.settings.offline or offline:
             raise self._not_cached(source, "hubd is offline" if self.settings.offline else "offline was asked for")
         self.stats.misses += 1
-        return self._attributed(await self._join_flight(source, sha256, on_progress, uid, interactive), uid)
+        return await self._attributed(await self._join_flight(source, sha256, on_progress, uid, interactive), uid)
 
-    def _attributed(self, entry: Entry, uid: int | None) -> Entry:
-        self.catalog.attribute(entry.id, uid)
+    async def _attributed(self, entry: Entry, uid: int | None) -> Entry:
+        if not self.catalog.knows(entry.id, uid):  # a uid's first ask writes its record under a shared flock
+            await run_in(WAITS, self.catalog.attribute, entry.id, uid)
         entry.users = self.catalog.users(entry.id)
         return entry
 

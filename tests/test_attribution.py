@@ -3,12 +3,17 @@ user. Real users resolve through root's daemon; the uid is the kernel's word (SO
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import json
+import time
+from pathlib import Path
 
 import pytest
 
 from hubd.config import Settings
 from tests.conftest import Upstream
+from tests.daemon import call
 from tests.users import LocalUser
 from tests.workstation import cli_as, request_as, workstation
 
@@ -78,3 +83,36 @@ def test_ls_filters_by_user_and_status_shows_bytes_per_user(
         assert usage[victim.uid]["user"] == victim.name
         text = cli_as(victim, d, "status")
         assert f"user      {victim.name}:" in text.stdout, text.stdout
+
+
+def _flock_waiters(lock: Path) -> int:
+    """Blocked flock requests on `lock`, as the kernel lists them ("->" lines of /proc/locks, which name the
+    file as major:minor:inode)."""
+    inode = f":{lock.stat().st_ino}"
+    waiting = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" in line]
+    return sum(1 for fields in waiting if "FLOCK" in fields and fields[6].endswith(inode))
+
+
+def test_recording_a_new_user_waits_off_the_event_loop(
+    settings: Settings, upstream: Upstream, victim: LocalUser
+) -> None:
+    """The users record is rewritten under locks/users.lock, which every process on the cache shares. While
+    another (trusted) process holds it, the daemon used to wait for it on its event loop: nobody was answered,
+    not even /v1/health. The wait now runs in a thread."""
+    path = upstream.publish("reusable")
+    with workstation(settings, victim) as d:
+        entry = d.request("POST", "/v1/resolve", {"handle": tfhub(path)}).json()  # cached, by root
+        lock = settings.cache_dir / "locks" / "users.lock"
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(request_as, victim, d, "POST", "/v1/resolve", {"handle": tfhub(path)})
+                deadline = time.monotonic() + 60
+                while _flock_waiters(lock) == 0:  # the daemon is now blocked on our lock
+                    assert time.monotonic() < deadline and not asked.done(), "the resolve never reached the lock"
+                conn = d.unix()
+                conn.timeout = 10
+                assert call(conn, "GET", "/v1/health").status == 200
+                fcntl.flock(held, fcntl.LOCK_UN)
+                assert asked.result(timeout=60).json()["users"] == sorted({0, victim.uid})
+        assert d.request("GET", f"/v1/models/{entry['id']}").json()["users"] == sorted({0, victim.uid})
