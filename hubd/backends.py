@@ -166,12 +166,15 @@ class DaemonBackend:
         return [_answer(Entry, e) for data in self.client.pages("/v1/models", page) for e in data["models"]]
 
     def _model_id(self, handle: str) -> str:
-        """The id the daemon knows a handle, alias or id (prefix) by."""
+        """The id the daemon knows a handle, alias or id (prefix) by, looked up by the daemon: one request, not a
+        listing of every model. The answer is checked against the name, since a daemon too old to know `?name=`
+        answers with a page of all models, and `hubd rm` must never take one of those for the one named."""
         if _ID_PREFIX.fullmatch(handle):  # the daemon resolves ids and id prefixes itself (Engine.find)
             return handle
         from hubd_client.handles import parse_handle
 
-        entries = self.models()
+        answer = self.client.json("GET", "/v1/models?" + urlencode({"name": handle}))
+        entries = [_answer(Entry, e) for e in answer["models"]]
         for entry in entries:
             if handle in entry.aliases:
                 return entry.id

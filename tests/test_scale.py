@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from hubd_client.handles import AnyHost, parse_handle
@@ -107,6 +108,47 @@ def test_a_bad_page_request_is_a_400_naming_the_remedy(
     reply = large[0].request("GET", f"/v1/models?{query}")
     assert reply.status == 400
     assert reply.json()["error"]["code"] == "bad_request" and reply.json()["error"]["hint"]
+
+
+def test_a_name_is_looked_up_not_listed(large: tuple[Daemon, Settings, list[str]]) -> None:
+    daemon, _settings, digests = large
+
+    def named(name: str) -> list[str]:
+        reply = daemon.request("GET", "/v1/models?" + urlencode({"name": name}))
+        assert reply.status == 200, reply.body
+        assert reply.json()["next_cursor"] is None
+        return [model["id"] for model in reply.json()["models"]]
+
+    assert named("https://tfhub.dev/scale/model-7/1") == [digests[7]]
+    assert named(digests[8][:12]) == [digests[8]]
+    assert named(digests[9]) == [digests[9]]
+    assert named("https://tfhub.dev/scale/not-cached/1") == []
+    for bad in ("", "x" * 3000, "https://user:secret@tfhub.dev/a/b/1"):
+        reply = daemon.request("GET", "/v1/models?" + urlencode({"name": bad}))
+        assert reply.status == 400, (bad, reply.body)
+        assert reply.json()["error"]["hint"]
+
+
+def test_hubd_rm_of_a_handle_asks_the_daemon_once_instead_of_listing_every_model(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path / "cache", offline=True, fsync=False)
+    digests = write_entries(settings.cache_dir, 1001)  # more than the CLI's page: a listing takes two requests
+    daemon = start_daemon(settings, tmp_path, env_extra={"HUBD_OFFLINE": "1"})
+    try:
+        env = {**cli_env(settings), "HUBD_SOCKET": str(daemon.socket_path)}
+        rm = [sys.executable, "-m", "hubd", "rm", "https://tfhub.dev/scale/model-3/1"]
+        removed = subprocess.run(rm, env=env, capture_output=True, text=True, timeout=120)
+        assert removed.returncode == 0, removed.stderr
+        assert removed.stdout.startswith(f"removed {digests[3][:12]}")
+        listings = [
+            line
+            for line in daemon.request("GET", "/metrics").body.decode().splitlines()
+            if line.startswith("hubd_requests_total") and 'route="/v1/models"' in line
+        ]
+        assert len(listings) == 1 and listings[0].endswith(" 1.0"), listings
+        left = daemon.request("GET", "/v1/models").json()["models"]
+        assert sorted(m["id"] for m in left) == sorted(d for i, d in enumerate(digests) if i != 3)
+    finally:
+        daemon.stop()
 
 
 def test_status_counts_every_entry_and_pages_its_users(large: tuple[Daemon, Settings, list[str]]) -> None:

@@ -117,7 +117,7 @@ class Health(_Strict):
 class ModelList(_Strict):
     models: list[Entry] = Field(
         description="A page of at most `limit` (query, default 1000, at most 10000) models in id order, after "
-        "`cursor` (query)."
+        "`cursor` (query); with `name` (query), only the model it names, or none."
     )
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; None: the last page.")
 

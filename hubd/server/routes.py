@@ -18,7 +18,7 @@ from hubd import __version__, bundle
 from hubd.audit import ACTIONS, parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
-from hubd.errors import BadHandle, BadRequest, HubdError, RequestTimeout, TooManyExports
+from hubd.errors import BadHandle, BadRequest, HubdError, RequestTimeout, TooManyExports, UnknownModel
 from hubd.events import ErrorDetail
 from hubd.eviction import gc_lock
 from hubd.executors import EXPORTS, PARSING, WAITS, run_in
@@ -284,6 +284,8 @@ PAGE = 1000
 """Models (or users, in status) per page when the query gives no `limit`."""
 MAX_PAGE = 10_000
 MODELS_CURSOR = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME = 2048
+"""The longest handle, alias or id `GET /v1/models?name=` looks up (the same bound as a prefetch's handles)."""
 USERS_CURSOR = re.compile(r"^[0-9]{1,9}$")
 
 
@@ -303,10 +305,24 @@ def _page(request: web.Request, cursor_form: re.Pattern[str]) -> tuple[int, str 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models?limit=&cursor=: a page of models in id order and the cursor of the next page. A page costs
-    an index look-up per model on it, whatever the cache's size; off the event loop all the same."""
+    an index look-up per model on it, whatever the cache's size; off the event loop all the same.
+    GET /v1/models?name=: only the model a handle, alias or id names (none when nothing cached does), found by
+    one look-up: `hubd rm HANDLE` used to page through every model to find it."""
+    name = request.query.get("name")
+    if name is not None:
+        if not 1 <= len(name) <= MAX_NAME:
+            raise BadRequest(f"name must be 1 to {MAX_NAME} characters", "give a handle, an alias or a model id")
+        return json_response(ModelList(models=await asyncio.to_thread(_named, _engine(request), name)))
     limit, cursor = _page(request, MODELS_CURSOR)
     models, following = await asyncio.to_thread(_engine(request).list_page, limit, cursor)
     return json_response(ModelList(models=models, next_cursor=following))
+
+
+def _named(engine: Engine, name: str) -> list[Entry]:
+    try:
+        return [engine.entry_for(engine.find(name))]
+    except UnknownModel:
+        return []
 
 
 def _model_id(request: web.Request) -> str:

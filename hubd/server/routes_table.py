@@ -79,8 +79,17 @@ ROUTES: tuple[Route, ...] = (
         "/v1/models",
         routes.list_models,
         operation_id="listModels",
-        summary="A page of the cached models, in id order",
-        params=(_limit("models"), _cursor(routes.MODELS_CURSOR.pattern)),
+        summary="A page of the cached models, in id order, or the one a name names",
+        params=(
+            _limit("models"),
+            _cursor(routes.MODELS_CURSOR.pattern),
+            Param(
+                "name",
+                "query",
+                "only the model this handle, alias or id names (none when nothing cached does); no paging",
+                {"type": "string", "minLength": 1, "maxLength": routes.MAX_NAME},
+            ),
+        ),
         answer=json_answer(api.ModelList),
     ),
     Route(
