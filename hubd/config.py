@@ -110,8 +110,8 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync published files; off only for throwaway caches.")
     inflate_threads: str = Field(
         "auto",
-        description="Threads inflating a download of 32 MiB or more: auto (every core, on 4 or more; else one), "
-        "0 (always stream on one), or N (spool, then rapidgzip on N).",
+        description="Threads inflating a download of 32 MiB or more: auto (every core up to 8, on 4 or more; "
+        "else one), 0 (always stream on one), or N (spool, then rapidgzip on N).",
     )
 
     socket: Path = Field(default_factory=default_socket, description="Unix socket of the daemon's API.")

@@ -16,7 +16,7 @@ import pytest
 
 from hubd import parallel_inflate
 from hubd.errors import ArchiveTooLarge, HubdError, NotAnArchive, UnsafeArchive
-from hubd.parallel_inflate import AUTO_MIN_CORES, MIN_PARALLEL_BYTES, choose_threads
+from hubd.parallel_inflate import AUTO_MAX_THREADS, AUTO_MIN_CORES, MIN_PARALLEL_BYTES, choose_threads
 from hubd.sink import StreamingExtraction
 from hubd.tree import TreeListing
 from tests import hostile
@@ -140,5 +140,15 @@ def test_the_path_is_chosen_by_setting_size_and_cores() -> None:
     assert choose_threads("3", 1) == 3  # forced on, whatever the size
     assert choose_threads("8", None) == 0  # no announced size: only streaming bounds what comes after the end
     cores = len(os.sched_getaffinity(0))
-    assert choose_threads(None, MIN_PARALLEL_BYTES) == (cores if cores >= AUTO_MIN_CORES else 0)
+    expected = min(cores, AUTO_MAX_THREADS) if cores >= AUTO_MIN_CORES else 0
+    assert choose_threads(None, MIN_PARALLEL_BYTES) == expected
     assert choose_threads("auto", MIN_PARALLEL_BYTES - 1) == 0
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(2, 0), (3, 0), (4, 4), (8, 8), (16, 8), (64, 8)])
+def test_auto_uses_the_cores_up_to_what_one_extracting_thread_can_take(
+    monkeypatch: pytest.MonkeyPatch, cores: int, threads: int
+) -> None:
+    monkeypatch.setattr(parallel_inflate, "usable_cores", lambda: cores)  # this machine has only its own cores
+    assert choose_threads("auto", MIN_PARALLEL_BYTES) == threads
+    assert choose_threads("16", MIN_PARALLEL_BYTES) == 16  # an admin's number is taken as it is
