@@ -19,15 +19,13 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
 
 from hubd_client.layout import CacheLayout
 from pydantic import BaseModel, ConfigDict
 
+from hubd.actions import ACTIONS as ACTIONS
+from hubd.actions import Action
 from hubd.errors import BadRequest
-
-Action = Literal["delete", "evict", "pin", "unpin", "quarantine", "heal", "import"]
-ACTIONS: tuple[str, ...] = ("delete", "evict", "pin", "unpin", "quarantine", "heal", "import")
 
 MAX_BYTES = 10 * 2**20
 KEEP = 5

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubd import __version__
-from hubd.audit import ACTIONS
+from hubd.actions import ACTIONS
 from hubd.errors import BadRequest, HubdError
 from hubd.server.logs import LEVELS
 

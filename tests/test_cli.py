@@ -126,3 +126,18 @@ def test_progress_bar_is_drawn_on_a_terminal(settings: Settings, upstream: Upstr
     assert code == 0
     assert b"\r\x1b[2K" in drawn and "━".encode() in drawn and b"MB/s" in drawn  # redrawn in place, with a rate
     assert Path(stdout.decode().strip(), "saved_model.pb").is_file()  # and stdout still holds only the path
+
+
+def test_help_and_completion_load_no_settings_models(settings: Settings) -> None:
+    """`hubd --help` and shell completion need the parser only: pydantic alone took two thirds of their start."""
+    code = (
+        "import sys, runpy, contextlib, io\n"
+        "for argv in (['hubd', '--help'], ['hubd', 'completion', 'bash']):\n"
+        "    sys.argv = argv\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        runpy.run_module('hubd', run_name='__main__')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'aiohttp')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(settings), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

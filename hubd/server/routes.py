@@ -15,7 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from hubd import __version__, bundle
-from hubd.audit import ACTIONS, parse_time, uid_of, user_name
+from hubd.actions import ACTIONS
+from hubd.audit import parse_time, uid_of, user_name
 from hubd.engine import Engine, VerifyReport
 from hubd.entry import Entry
 from hubd.errors import BadHandle, BadRequest, HubdError, RequestTimeout, TooManyExports, UnknownModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hubd.audit import ACTIONS
+from hubd.actions import ACTIONS
 from hubd.bundle import ImportResult
 from hubd.entry import Entry
 from hubd.events import DoneEvent, ErrorEvent, ProgressEvent, SummaryEvent
