@@ -605,6 +605,7 @@ class Engine:
         """Publish the tree, point `refs` (checked by the caller: none may silently change) at it, then index and
         link it. Call with the gc lock held shared; `publish` and bundle imports (hubd/bundle.py) share it."""
         meta.names = [ref.canonical for _key, ref in refs]
+        previous = [self.store.read_ref(key) for key, _ref in refs]  # what the view linked for them so far
         # Object, meta, refs in that order, crash-safe; a full disk undoes it all (then 507 disk_full).
         meta.names = self.store.publish_entry(tree, meta, refs).names
         # The index and the view are derived from those files: their failures are logged, never a 500.
@@ -614,8 +615,10 @@ class Engine:
         self.index.touch(meta.digest)
         if self.view is not None:
             try:
-                for _key, ref in refs:
+                for (_key, ref), before in zip(refs, previous, strict=True):
                     self.view.link(ref)
+                    if before is not None:
+                        self.view.unlink_dropped(before, ref)
             except OSError as exc:
                 logging.getLogger("hubd").warning("tfhub_modules/ not linked (%s); relinked at start", exc)
         self._meta_cache[meta.digest] = meta

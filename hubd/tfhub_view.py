@@ -60,8 +60,19 @@ class TfhubView:
     def unlink_refs(self, digest: str, refs: Iterable[Ref]) -> None:
         """Remove the links `link` made for `refs` that still point at `digest`, and their descriptors: a few
         look-ups, where `unlink_digest` reads every link in the view (100,000 models have several each)."""
+        self._unlink_if_at(digest, {spelling for ref in refs for spelling in _linked_spellings(ref)})
+
+    def unlink_dropped(self, before: Ref, now: Ref) -> None:
+        """A ref was rewritten (fetched again under another spelling, or re-pointed at another object): remove
+        the links `before` had and `now` has not, where they still point at before's object. So every link to an
+        object stays a spelling of a ref to it, which is what lets `unlink_refs` find them all; a spelling left
+        behind would outlive a removal, or hand tensorflow_hub the old model after the handle moved on."""
+        self._unlink_if_at(before.digest, _linked_spellings(before) - _linked_spellings(now))
+
+    def _unlink_if_at(self, digest: str, handles: Iterable[str]) -> None:
+        """Remove the links named after `handles` that point at `digest` (a link elsewhere is another's)."""
         target = view_target(digest)
-        for handle in {spelling for ref in refs for spelling in _linked_spellings(ref)}:
+        for handle in handles:
             link = self.store.layout.view_link(link_name(handle))
             with contextlib.suppress(OSError):  # no such link, or not a link
                 if os.readlink(link) == target:

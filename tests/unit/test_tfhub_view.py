@@ -90,6 +90,21 @@ def test_unlinking_by_refs_keeps_a_link_that_now_points_at_another_object(store:
     assert (store.root / VIEW_DIR / f"{link_name(TFHUB)}.descriptor.txt").is_file()
 
 
+def test_a_rewritten_ref_drops_only_the_links_its_old_spelling_had(store: Store) -> None:
+    meta = published(store)
+    view = TfhubView(store)
+    spelled = TFHUB + "?tf-hub-format=compressed"
+    before = ref_to(meta, "tfhub.dev/google/nnlm-en-dim128/2", spelled)
+    now = ref_to(meta, "tfhub.dev/google/nnlm-en-dim128/2", TFHUB)
+    view.link(before)
+    view.link(now)
+    view.unlink_dropped(before, now)
+    linked = {p.name for p in view.root.iterdir() if p.is_symlink()}
+    assert link_name(spelled) not in linked and link_name(spelled + "/") not in linked
+    assert {link_name(s) for s in spellings(TFHUB)} <= linked  # the spellings both had were never unlinked
+    assert set(view.links_by_target()) == {meta.digest}
+
+
 def test_rebuild_drops_links_to_quarantined_objects_and_links_every_healthy_ref(store: Store) -> None:
     healthy, broken = published(store, {"saved_model.pb": b"ok"}), published(store, {"saved_model.pb": b"bad"})
     for meta, name in ((healthy, "tfhub.dev/a/healthy/1"), (broken, "tfhub.dev/a/broken/1")):
