@@ -313,6 +313,8 @@ async def list_models(request: web.Request) -> web.Response:
     if name is not None:
         if not 1 <= len(name) <= MAX_NAME:
             raise BadRequest(f"name must be 1 to {MAX_NAME} characters", "give a handle, an alias or a model id")
+        if not MODEL_ID.match(name) and _engine(request).catalog.alias(name) is None:
+            _remote_only(name)  # decided from the text: the daemon's filesystem is never consulted for a caller
         return json_response(ModelList(models=await asyncio.to_thread(_named, _engine(request), name)))
     limit, cursor = _page(request, MODELS_CURSOR)
     models, following = await asyncio.to_thread(_engine(request).list_page, limit, cursor)
