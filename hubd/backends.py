@@ -173,12 +173,19 @@ class DaemonBackend:
             return handle
         from hubd_client.handles import parse_handle
 
+        from hubd.catalog import ALIAS
+
+        try:  # refused here, before anything is sent: a handle with credentials never leaves this process
+            canonical = parse_handle(handle, frozenset(self.client.settings.http_hosts)).canonical
+        except HubdError:
+            if not ALIAS.match(handle):
+                raise
+            canonical = None
         answer = self.client.json("GET", "/v1/models?" + urlencode({"name": handle}))
         entries = [_answer(Entry, e) for e in answer["models"]]
         for entry in entries:
             if handle in entry.aliases:
                 return entry.id
-        canonical = parse_handle(handle, frozenset(self.client.settings.http_hosts)).canonical
         for entry in entries:
             if canonical in entry.handles:
                 return entry.id
