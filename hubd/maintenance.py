@@ -127,8 +127,8 @@ def _remove(cache: Maintained, meta: ObjectMeta) -> Entry:
 def _refs_to(cache: Maintained, meta: ObjectMeta) -> list[tuple[str, Ref]]:
     """The refs pointing at `meta`'s object, as (key, ref). Every publish adds the name of each ref it writes
     to the object's meta, so reading the refs of those names (and of the index's) finds them all in a few
-    reads, not one per cached model (100,000 at scale). A meta with no names, as none should be, falls back to
-    reading every ref. A name whose ref has moved to another object keeps that ref."""
+    reads, not one per cached model (100,000 at scale). A meta with no names (there should be none) falls back
+    to reading every ref. A name whose ref has moved to another object keeps that ref."""
     if not meta.names:
         return [(key, ref) for key, ref in cache.store.ref_items() if ref.digest == meta.digest]
     found = []
