@@ -21,6 +21,7 @@ from hubd.store import ObjectMeta, Ref, Store
 from hubd.tree import FileRecord, TreeListing
 from tests.conftest import Upstream, cli_env
 from tests.daemon import Daemon, start_daemon
+from tests.test_metrics import scrape
 
 ENTRIES = 1005
 """More than one page of the CLI's (1000), so `hubd ls` has to follow a cursor."""
@@ -139,12 +140,13 @@ def test_hubd_rm_of_a_handle_asks_the_daemon_once_instead_of_listing_every_model
         removed = subprocess.run(rm, env=env, capture_output=True, text=True, timeout=120)
         assert removed.returncode == 0, removed.stderr
         assert removed.stdout.startswith(f"removed {digests[3][:12]}")
-        listings = [
-            line
-            for line in daemon.request("GET", "/metrics").body.decode().splitlines()
-            if line.startswith("hubd_requests_total") and 'route="/v1/models"' in line
-        ]
-        assert len(listings) == 1 and listings[0].endswith(" 1.0"), listings
+        samples, _types = scrape(daemon)
+        listings = {
+            labels: n
+            for (name, labels), n in samples.items()
+            if name == "hubd_requests_total" and ("route", "/v1/models") in labels
+        }
+        assert list(listings.values()) == [1.0], listings
         left = daemon.request("GET", "/v1/models").json()["models"]
         assert sorted(m["id"] for m in left) == sorted(d for i, d in enumerate(digests) if i != 3)
     finally:

@@ -309,15 +309,16 @@ async def list_models(request: web.Request) -> web.Response:
     an index look-up per model on it, whatever the cache's size; off the event loop all the same.
     GET /v1/models?name=: only the model a handle, alias or id names (none when nothing cached does), found by
     one look-up: `hubd rm HANDLE` used to page through every model to find it."""
+    engine = _engine(request)
     name = request.query.get("name")
     if name is not None:
         if not 1 <= len(name) <= MAX_NAME:
             raise BadRequest(f"name must be 1 to {MAX_NAME} characters", "give a handle, an alias or a model id")
-        if not MODEL_ID.match(name) and _engine(request).catalog.alias(name) is None:
+        if not MODEL_ID.match(name) and engine.catalog.alias(name) is None:
             _remote_only(name)  # decided from the text: the daemon's filesystem is never consulted for a caller
-        return json_response(ModelList(models=await asyncio.to_thread(_named, _engine(request), name)))
+        return json_response(ModelList(models=await asyncio.to_thread(_named, engine, name)))
     limit, cursor = _page(request, MODELS_CURSOR)
-    models, following = await asyncio.to_thread(_engine(request).list_page, limit, cursor)
+    models, following = await asyncio.to_thread(engine.list_page, limit, cursor)
     return json_response(ModelList(models=models, next_cursor=following))
 
 
